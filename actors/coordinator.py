@@ -1,0 +1,364 @@
+"""The coordinator: claims events in the ledger, merges schedules, dispatches runs.
+
+Every clock's events (time ticks included: they are events with id ``<clock>:<time>``) meet
+here, so schedule merging and idempotency are one mechanism: the ledger's insert-if-absent
+claim. New events queue per flow; the dispatcher hands them to the least-loaded worker within
+the tenant's ``max_concurrent_runs``, round-robin across flows so no tenant starves another.
+Failed attempts retry with exponential backoff and jitter, then go to the dead-letter queue.
+
+All state is rebuilt from the ledger by :meth:`start`, so the actor can be killed at any time:
+``submit`` is idempotent (a resent batch only yields duplicates) and runs found ``running`` are
+re-sent to the same worker with the same attempt number, which the worker deduplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from actors.event import Event, unpack_events
+from actors.handles import RunOutcome, SourceRejection, WorkerHandle
+from actors.ledger import Finish, FlowCounts, Ledger, RejectionRecord, RunRecord
+from actors.quota import TokenBucket
+
+log = logging.getLogger(__name__)
+
+FlowKey = tuple[str, str]
+RunKey = tuple[str, str, str]
+
+
+@dataclass(slots=True)
+class FlowPolicy:
+    tenant: str
+    flow: str
+    retries: int = 3
+    retry_delay: float = 1.0
+    max_retry_delay: float = 300.0
+
+    @property
+    def key(self) -> FlowKey:
+        return (self.tenant, self.flow)
+
+    def backoff(self, attempt: int, rng: Callable[[], float]) -> float:
+        """Delay before attempt ``attempt + 1``: exponential with ±50% jitter, capped."""
+        base = min(self.max_retry_delay, self.retry_delay * 2 ** (attempt - 1))
+        return base * (0.5 + rng())
+
+
+@dataclass(slots=True)
+class TenantPolicy:
+    name: str
+    max_concurrent_runs: int = 8
+    max_events_per_second: int = 1000
+
+
+class Coordinator:
+    def __init__(
+        self,
+        ledger: Ledger,
+        workers: list[WorkerHandle],
+        flows: list[FlowPolicy],
+        tenants: list[TenantPolicy],
+        *,
+        worker_concurrency: int = 16,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        if not workers:
+            raise ValueError("a coordinator needs at least one worker")
+        self.ledger = ledger
+        self.workers = workers
+        self.flows = {f.key: f for f in flows}
+        self.tenants = {t.name: t for t in tenants}
+        self.worker_concurrency = worker_concurrency
+        self._rng = rng
+        self._buckets = {t.name: TokenBucket(t.max_events_per_second) for t in tenants}
+        self._queues: dict[FlowKey, deque[Event]] = {k: deque() for k in self.flows}
+        self._order: list[FlowKey] = list(self.flows)
+        self._rr = 0
+        self._paused: set[FlowKey] = set()
+        self._inflight: dict[RunKey, asyncio.Task[None]] = {}
+        self._tenant_running: dict[str, int] = dict.fromkeys(self.tenants, 0)
+        self._worker_load = [0] * len(workers)
+        self._timers: dict[RunKey, asyncio.TimerHandle] = {}
+        self._latencies: deque[float] = deque(maxlen=20_000)
+        self._started = False
+        self._stopping = False
+        self._start_lock = asyncio.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Rebuild from the ledger (idempotent): paused flows, queued, retrying, running runs."""
+        async with self._start_lock:
+            if self._started:
+                return
+            self._paused = set(await self.ledger.paused())
+            now = time.time()
+            for rec in await self.ledger.open_runs():
+                self._restore(rec, now)
+            self._started = True
+        self._pump()
+
+    def _restore(self, rec: RunRecord, now: float) -> None:
+        ev = rec.event
+        if ev.key[:2] not in self.flows:
+            log.warning("ledger holds a run of unconfigured flow %s/%s; left alone", *ev.key[:2])
+            return
+        if rec.state.value == "pending":
+            self._queues[ev.key[:2]].append(ev)
+        elif rec.state.value == "failed":
+            self._schedule_retry(ev, max(0.0, (rec.next_at or now) - now))
+        else:  # running when the previous coordinator died: re-send, same worker and attempt
+            worker = rec.worker if rec.worker is not None and rec.worker < len(self.workers) else 0
+            self._launch(ev, worker, attempt=rec.attempts)
+
+    async def stop(self, drain_timeout: float = 30.0) -> int:
+        """Stop dispatching; wait up to ``drain_timeout`` for running attempts. Returns how
+        many were still running (they stay ``running`` in the ledger and resume on restart)."""
+        self._stopping = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        tasks = list(self._inflight.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            return len(pending)
+        return 0
+
+    async def ping(self) -> dict[str, Any]:
+        await self.start()
+        return {
+            "name": "coordinator",
+            "time": time.time(),
+            "inflight": len(self._inflight),
+            "queued": sum(len(q) for q in self._queues.values()),
+        }
+
+    # -- intake -------------------------------------------------------------------------
+    async def submit_packed(self, data: bytes, rejections: list[SourceRejection]) -> list[str]:
+        return await self.submit(unpack_events(data), rejections)
+
+    async def submit(
+        self, events: list[Event], rejections: list[SourceRejection] | None = None
+    ) -> list[str]:
+        await self.start()
+        outcomes: list[str] = [""] * len(events)
+        claimable: list[int] = []
+        wanted: dict[str, int] = {}
+        for i, ev in enumerate(events):
+            if (ev.tenant, ev.flow) not in self.flows:
+                outcomes[i] = "rejected:unknown_flow"
+            else:
+                claimable.append(i)
+                wanted[ev.tenant] = wanted.get(ev.tenant, 0) + 1
+        granted = {t: self._buckets[t].take(n) for t, n in wanted.items()}
+        to_claim: list[int] = []
+        for i in claimable:
+            tenant = events[i].tenant
+            if granted[tenant] > 0:
+                granted[tenant] -= 1
+                to_claim.append(i)
+            else:
+                outcomes[i] = "throttled"
+        if rejections:
+            await self.ledger.reject([_rejection_record(r) for r in rejections])
+        new = await self.ledger.claim([events[i] for i in to_claim])
+        for i, is_new in zip(to_claim, new, strict=True):
+            outcomes[i] = "accepted" if is_new else "duplicate"
+            if is_new:
+                self._queues[events[i].key[:2]].append(events[i])
+        self._pump()
+        return outcomes
+
+    # -- dispatch -----------------------------------------------------------------------
+    def _pump(self) -> None:
+        """Start as many queued runs as tenants' quotas and workers' capacity allow."""
+        if self._stopping or not self._started:
+            return
+        progress = True
+        while progress:
+            progress = False
+            n = len(self._order)
+            for step in range(n):
+                fkey = self._order[(self._rr + step) % n]
+                queue = self._queues[fkey]
+                if not queue or fkey in self._paused:
+                    continue
+                tenant = self.tenants.get(fkey[0])
+                limit = tenant.max_concurrent_runs if tenant else 8
+                if self._tenant_running.get(fkey[0], 0) >= limit:
+                    continue
+                worker = self._pick_worker()
+                if worker is None:
+                    return
+                ev = queue.popleft()
+                if ev.key not in self._inflight:
+                    self._launch(ev, worker)
+                    progress = True
+            self._rr = (self._rr + 1) % max(1, n)
+
+    def _pick_worker(self) -> int | None:
+        load = min(self._worker_load)
+        if load >= self.worker_concurrency:
+            return None
+        return self._worker_load.index(load)
+
+    def _launch(self, ev: Event, worker: int, attempt: int | None = None) -> None:
+        self._worker_load[worker] += 1
+        self._tenant_running[ev.tenant] = self._tenant_running.get(ev.tenant, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._run(ev, worker, attempt))
+        self._inflight[ev.key] = task
+
+    async def _run(self, ev: Event, worker: int, attempt: int | None) -> None:
+        try:
+            if attempt is None:
+                attempt = await self.ledger.start(ev.key, worker)
+                if attempt is None:
+                    return  # completed, dead or running elsewhere: nothing to start
+            outcome = await self._call_worker(worker, ev, attempt)
+            if outcome.ok and ev.received:
+                self._latencies.append(outcome.started_at - ev.received)
+            await self._record(ev, attempt, outcome)
+        except Exception:
+            log.exception("dispatch of %s failed; it stays in the ledger", ev.key)
+        finally:
+            self._worker_load[worker] -= 1
+            self._tenant_running[ev.tenant] -= 1
+            self._inflight.pop(ev.key, None)
+            self._pump()
+
+    async def _call_worker(self, worker: int, ev: Event, attempt: int) -> RunOutcome:
+        try:
+            return await self.workers[worker].run(ev.to_dict(), attempt)
+        except Exception as exc:  # an in-process worker raising: same as a failed attempt
+            return RunOutcome(
+                ok=False,
+                error=f"worker {worker} failed: {type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc(),
+            )
+
+    async def _record(self, ev: Event, attempt: int, outcome: RunOutcome) -> None:
+        policy = self.flows[ev.key[:2]]
+        retry_at = None
+        delay = 0.0
+        if not outcome.ok and attempt <= policy.retries:
+            delay = policy.backoff(attempt, self._rng)
+            retry_at = time.time() + delay
+        (fresh,) = await self.ledger.finish(
+            [
+                Finish(
+                    key=ev.key,
+                    attempt=attempt,
+                    ok=outcome.ok,
+                    error=outcome.error,
+                    traceback=outcome.traceback,
+                    prefect_flow_run_id=outcome.prefect_flow_run_id,
+                    retry_at=retry_at,
+                )
+            ]
+        )
+        if fresh and retry_at is not None:
+            self._schedule_retry(ev, delay)
+        elif fresh and not outcome.ok:
+            log.warning("event %s dead after %d attempts: %s", ev.key, attempt, outcome.error)
+
+    def _schedule_retry(self, ev: Event, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers[ev.key] = loop.call_later(delay, self._retry_due, ev)
+
+    def _retry_due(self, ev: Event) -> None:
+        self._timers.pop(ev.key, None)
+        self._queues[ev.key[:2]].append(ev)
+        self._pump()
+
+    # -- control ------------------------------------------------------------------------
+    def _flow_key(self, tenant: str, flow: str) -> FlowKey:
+        key = (tenant, flow)
+        if key not in self.flows:
+            raise KeyError(f"unknown flow {tenant}/{flow}")
+        return key
+
+    async def pause(self, tenant: str, flow: str) -> None:
+        await self.start()
+        key = self._flow_key(tenant, flow)
+        await self.ledger.set_paused(tenant, flow, True)
+        self._paused.add(key)
+
+    async def resume(self, tenant: str, flow: str) -> None:
+        await self.start()
+        key = self._flow_key(tenant, flow)
+        await self.ledger.set_paused(tenant, flow, False)
+        self._paused.discard(key)
+        self._pump()
+
+    async def replay(self, event_ids: list[str] | None = None) -> list[str]:
+        """Re-run dead letters (all when ``event_ids`` is empty); returns the replayed keys."""
+        await self.start()
+        keys: list[RunKey] | None = None
+        if event_ids:
+            wanted = set(event_ids)
+            dead = await self.ledger.runs(state="dead", limit=1_000_000)
+            keys = [r.key for r in dead if r.event.id in wanted or "/".join(r.key) in wanted]
+        events = await self.ledger.replay(keys)
+        for ev in events:
+            if ev.key[:2] in self._queues:
+                self._queues[ev.key[:2]].append(ev)
+        self._pump()
+        return ["/".join(ev.key) for ev in events]
+
+    async def status(self) -> dict[str, Any]:
+        await self.start()
+        counts = await self.ledger.counts()
+        flows = []
+        for key in self.flows:
+            c = counts.get(key) or FlowCounts()
+            flows.append(
+                {
+                    "tenant": key[0],
+                    "flow": key[1],
+                    "paused": key in self._paused,
+                    "queued": len(self._queues[key]),
+                    "events": c.events,
+                    "rejected_by_reason": c.rejected_by_reason,
+                    "runs": c.runs,
+                    "last_event_at": c.last_event_at,
+                }
+            )
+        return {"flows": flows}
+
+    async def runs(
+        self,
+        tenant: str | None = None,
+        flow: str | None = None,
+        state: str | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        await self.start()
+        return [r.to_dict() for r in await self.ledger.runs(tenant, flow, state, limit)]
+
+    async def latencies(self, clear: bool = False) -> list[float]:
+        """Event received → flow started, seconds, for recent successful runs (benchmarks)."""
+        out = list(self._latencies)
+        if clear:
+            self._latencies.clear()
+        return out
+
+
+def _rejection_record(r: SourceRejection) -> RejectionRecord:
+    return RejectionRecord(
+        tenant=r.tenant,
+        flow=r.flow,
+        source=r.source,
+        reason=r.rejection.reason,
+        detail=r.rejection.detail,
+        ref=r.rejection.ref,
+        at=time.time(),
+    )

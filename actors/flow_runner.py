@@ -1,0 +1,370 @@
+"""Run one Prefect flow with one event, tracked in a Prefect API or untracked.
+
+``FlowRunner(flow, event_parameter, tracking, max_threads)`` wraps one loaded ``@flow``;
+``await runner.run(event, attempt)`` runs it once and returns a :class:`RunOutcome`. It never
+raises for a failing flow, and it never returns (or pickles) the flow's result.
+
+- The flow receives the event dict, unchanged, in its ``event_parameter`` parameter. The
+  parameter is checked when the runner is built (:func:`check_event_parameter`, which the
+  config layer can call too).
+- **Attempt number.** The event carries no extra keys. Flow code reads the attempt (1 for
+  the first run) with :func:`current_attempt` and the event with :func:`current_event`;
+  both are contextvars set for the duration of the run and ``None`` outside the cluster.
+  Tracked runs also carry an ``attempt:<n>`` tag, and from the second attempt on the run
+  name ends in ``-try<n>``.
+- Sync flows run in a bounded thread pool (``max_threads``); async flows are awaited on the
+  caller's loop. Many runs can be in flight at once.
+- ``tracking="api"``: a real Prefect flow run against ``api_url`` (default:
+  ``PREFECT_API_URL`` from the environment, read when the runner is built) with tags
+  ``tenant:<t>``, ``flow:<f>``, ``event:<id>``, ``attempt:<n>`` and the name
+  ``<flow>-<event id>`` (long ids are shortened), unless the flow sets its own
+  ``flow_run_name``. The flow-run id is taken from the returned state.
+- ``tracking="off"``: ``flow.fn(**{event_parameter: event})``, no Prefect API at all. A
+  flow body that needs one (calls a ``@task``, the client, ``get_run_logger``) fails with a
+  message that says to configure ``prefect: embedded`` or a server URL; the runner never
+  lets Prefect start its ephemeral "temporary server".
+
+Prefect settings are applied per run through a ``SettingsContext`` (not by mutating the
+process): flow-run heartbeats are off (``flows.heartbeat_frequency=None``; with them on,
+every sync flow run stalls ~1 s joining the heartbeat thread; the cluster's ledger, not
+Prefect, detects crashed runs), and ephemeral servers are disabled. As a backstop for
+Prefect's background threads, which read the process-global settings, building a runner
+also sets ``PREFECT_SERVER_EPHEMERAL_ENABLED=false`` for the process. Tracked runs share one
+API client per runner (one per event loop for async flows) instead of building one per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import inspect
+import os
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from actors.errors import FlowLoadError, ListenerError
+
+TRACKING_MODES = ("off", "api")
+RUN_NAME_ID_CHARS = 48
+NEEDS_API_HINT = "set `prefect: embedded` or a server URL in the cluster config"
+
+_attempt: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "listener_attempt", default=None
+)
+_event: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "listener_event", default=None
+)
+_run_name: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "listener_run_name", default=None
+)
+
+
+def current_attempt() -> int | None:
+    """The attempt number (1, 2, ...) of the run in progress; ``None`` outside the cluster."""
+    return _attempt.get()
+
+
+def current_event() -> dict[str, Any] | None:
+    """The event of the run in progress; ``None`` outside the cluster."""
+    return _event.get()
+
+
+@dataclass(slots=True)
+class RunOutcome:
+    """How one attempt went. ``started_at``/``finished_at`` are ``time.time()`` values."""
+
+    ok: bool
+    error: str | None
+    traceback: str | None
+    prefect_flow_run_id: str | None
+    started_at: float
+    finished_at: float
+
+
+def check_event_parameter(flow: Any, event_parameter: str) -> None:
+    """Raise :class:`FlowLoadError` unless ``flow`` can be called with just the event."""
+    name = getattr(flow, "name", None) or getattr(flow, "__name__", repr(flow))
+    fn = getattr(flow, "fn", flow)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError) as exc:
+        raise FlowLoadError(f"flow {name!r}: cannot read its signature: {exc}") from None
+    param = params.get(event_parameter)
+    if param is None or param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+        available = ", ".join(p for p in params if not p.startswith("*")) or "none"
+        raise FlowLoadError(
+            f"flow {name!r} has no parameter {event_parameter!r} to receive the event "
+            f"(its parameters: {available}); add one or set `event_parameter`"
+        )
+    required = [
+        p.name
+        for p in params.values()
+        if p.name != event_parameter
+        and p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if required:
+        raise FlowLoadError(
+            f"flow {name!r} has required parameters {required} besides {event_parameter!r}; "
+            "the cluster passes only the event, so give them defaults"
+        )
+
+
+def shorten_id(event_id: str, limit: int = RUN_NAME_ID_CHARS) -> str:
+    """Keep head and tail of a long id (tails hold times, etags, counters)."""
+    if len(event_id) <= limit:
+        return event_id
+    head = (limit - 1) // 2
+    return f"{event_id[:head]}…{event_id[-(limit - 1 - head) :]}"
+
+
+def run_name_for(event: dict[str, Any], attempt: int, flow_name: str) -> str:
+    name = f"{event.get('flow') or flow_name}-{shorten_id(str(event.get('id', '')))}"
+    return name if attempt <= 1 else f"{name}-try{attempt}"
+
+
+def run_tags_for(event: dict[str, Any], attempt: int, flow_name: str) -> list[str]:
+    return [
+        f"tenant:{event.get('tenant', 'default')}",
+        f"flow:{event.get('flow') or flow_name}",
+        f"event:{event.get('id', '')}",
+        f"attempt:{attempt}",
+    ]
+
+
+def _current_run_name() -> str:
+    return _run_name.get() or "listener-run"
+
+
+def _disable_ephemeral_for_process() -> None:
+    """Stop Prefect background threads (global settings) from starting a temporary server."""
+    import prefect.context
+
+    os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
+    if prefect.context.GLOBAL_SETTINGS_CONTEXT.settings.server.ephemeral.enabled:
+        prefect.context.refresh_global_settings_context()
+
+
+def _needs_api_error(exc: BaseException) -> bool:
+    """Did Prefect fail because the flow body needs an API (or a run context)?"""
+    from prefect.exceptions import MissingContextError
+
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, MissingContextError) or "No Prefect API URL" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    text = str(exc)
+    error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return error, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class FlowRunner:
+    """Runs one Prefect flow object, once per ``run(event, attempt)`` call."""
+
+    def __init__(
+        self,
+        flow: Any,
+        event_parameter: str = "event",
+        tracking: str = "off",
+        max_threads: int = 8,
+        api_url: str | None = None,
+    ) -> None:
+        from prefect import Flow
+
+        if not isinstance(flow, Flow):
+            raise FlowLoadError(f"{flow!r} is a {type(flow).__name__}, not a Prefect @flow")
+        if tracking not in TRACKING_MODES:
+            raise ListenerError(f"tracking must be one of {TRACKING_MODES}, not {tracking!r}")
+        check_event_parameter(flow, event_parameter)
+        self.flow = flow
+        self.name: str = flow.name
+        self.event_parameter = event_parameter
+        self.tracking = tracking
+        self.is_async: bool = bool(flow.isasync)
+        self.api_url = self._resolve_api_url(api_url) if tracking == "api" else None
+        self._settings = self._build_settings()
+        self._tracked_flow = (
+            flow if flow.flow_run_name else flow.with_options(flow_run_name=_current_run_name)
+        )
+        self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix=f"flow-{self.name}")
+        self._lock = threading.Lock()
+        self._sync_client: Any = None
+        self._async_clients: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = {}
+        _disable_ephemeral_for_process()
+
+    @staticmethod
+    def _resolve_api_url(api_url: str | None) -> str:
+        from prefect.settings import get_current_settings
+
+        url = api_url or os.environ.get("PREFECT_API_URL") or get_current_settings().api.url
+        if not url:
+            raise ListenerError(
+                "tracking='api' needs a Prefect API: set PREFECT_API_URL or pass api_url"
+            )
+        return url
+
+    def _build_settings(self) -> Any:
+        """A SettingsContext template; each run enters a cheap copy of it."""
+        from prefect.context import SettingsContext, get_settings_context
+
+        base = get_settings_context()
+        settings = base.settings.copy_with_update(
+            updates={
+                "flows.heartbeat_frequency": None,
+                "server.ephemeral.enabled": False,
+                "api.url": self.api_url,
+            }
+        )
+        return SettingsContext(profile=base.profile, settings=settings)
+
+    @contextlib.contextmanager
+    def _scope(self, event: dict[str, Any], attempt: int) -> Iterator[None]:
+        """Prefect settings, tags and our contextvars for one run (in the current context)."""
+        from prefect import tags
+
+        tokens = [
+            (_attempt, _attempt.set(attempt)),
+            (_event, _event.set(event)),
+            (_run_name, _run_name.set(run_name_for(event, attempt, self.name))),
+        ]
+        try:
+            with self._settings.model_copy():
+                if self.tracking == "api":
+                    with tags(*run_tags_for(event, attempt, self.name)):
+                        yield
+                else:
+                    yield
+        finally:
+            for var, token in reversed(tokens):
+                var.reset(token)
+
+    async def run(self, event: dict[str, Any], attempt: int) -> RunOutcome:
+        """Run the flow once with ``event``; every failure becomes ``ok=False``."""
+        if self.is_async:
+            return await self._run_async(event, attempt)
+        ctx = contextvars.copy_context()
+        future = self._pool.submit(ctx.run, self._run_sync, event, attempt)
+        return await asyncio.wrap_future(future)
+
+    def _run_sync(self, event: dict[str, Any], attempt: int) -> RunOutcome:
+        started = time.time()
+        flow_run_id: str | None = None
+        try:
+            with self._scope(event, attempt):
+                started = time.time()
+                if self.tracking == "off":
+                    self.flow.fn(**{self.event_parameter: event})
+                    return self._outcome(started)
+                with self._sync_client_context():
+                    state = self._tracked_flow(**{self.event_parameter: event}, return_state=True)
+                    flow_run_id = _flow_run_id(state)
+                    if state.is_completed():
+                        return self._outcome(started, flow_run_id=flow_run_id)
+                    return self._failed(_state_exception_sync(state), started, flow_run_id)
+        except BaseException as exc:  # a thread has no one to re-raise to
+            return self._failed(exc, started, flow_run_id)
+
+    async def _run_async(self, event: dict[str, Any], attempt: int) -> RunOutcome:
+        started = time.time()
+        flow_run_id: str | None = None
+        try:
+            with self._scope(event, attempt):
+                started = time.time()
+                if self.tracking == "off":
+                    await self.flow.fn(**{self.event_parameter: event})
+                    return self._outcome(started)
+                async with await self._async_client_context():
+                    flow = self._tracked_flow
+                    state = await flow(**{self.event_parameter: event}, return_state=True)
+                    flow_run_id = _flow_run_id(state)
+                    if state.is_completed():
+                        return self._outcome(started, flow_run_id=flow_run_id)
+                    return self._failed(await _state_exception(state), started, flow_run_id)
+        except (Exception, SystemExit) as exc:
+            return self._failed(exc, started, flow_run_id)
+
+    def _outcome(
+        self,
+        started: float,
+        error: str | None = None,
+        tb: str | None = None,
+        flow_run_id: str | None = None,
+    ) -> RunOutcome:
+        return RunOutcome(error is None, error, tb, flow_run_id, started, time.time())
+
+    def _failed(self, exc: BaseException, started: float, flow_run_id: str | None) -> RunOutcome:
+        error, tb = _describe(exc)
+        if self.tracking == "off" and _needs_api_error(exc):
+            error = f"flow {self.name!r} needs a Prefect API (it calls tasks or the client); "
+            error += NEEDS_API_HINT
+        return self._outcome(started, error, tb, flow_run_id)
+
+    def _sync_client_context(self) -> Any:
+        """A client context over the runner's shared sync client (Prefect reuses it)."""
+        from prefect.client.orchestration import get_client
+        from prefect.context import SyncClientContext
+
+        with self._lock:
+            if self._sync_client is None:
+                client = get_client(sync_client=True)
+                client.__enter__()
+                self._sync_client = client
+        return SyncClientContext.model_construct(client=self._sync_client)
+
+    async def _async_client_context(self) -> Any:
+        """A client context over this loop's shared async client."""
+        from prefect.client.orchestration import get_client
+        from prefect.context import AsyncClientContext
+
+        loop = asyncio.get_running_loop()
+        opening = self._async_clients.get(loop)
+        if opening is None:  # one client per loop, even when runs start together
+            opening = self._async_clients[loop] = loop.create_task(get_client().__aenter__())
+        return AsyncClientContext.model_construct(client=await opening)
+
+    async def aclose(self) -> None:
+        """Stop the pool (running sync flows finish in the background) and close clients."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        client, self._sync_client = self._sync_client, None
+        if client is not None:
+            await asyncio.to_thread(client.__exit__, None, None, None)
+        loop = asyncio.get_running_loop()
+        opening = self._async_clients.pop(loop, None)
+        if opening is not None:
+            await (await opening).__aexit__(None, None, None)
+
+
+def _flow_run_id(state: Any) -> str | None:
+    run_id = getattr(getattr(state, "state_details", None), "flow_run_id", None)
+    return str(run_id) if run_id else None
+
+
+def _state_exception_sync(state: Any) -> BaseException:
+    from prefect.states import get_state_exception
+
+    try:
+        return get_state_exception(state)
+    except Exception as exc:  # e.g. a state with no exception attached
+        return RuntimeError(f"flow run ended {state.type.value}: {state.message or exc}")
+
+
+async def _state_exception(state: Any) -> BaseException:
+    from prefect.states import aget_state_exception
+
+    try:
+        return await aget_state_exception(state)
+    except Exception as exc:
+        return RuntimeError(f"flow run ended {state.type.value}: {state.message or exc}")

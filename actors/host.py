@@ -1,0 +1,224 @@
+"""ListenerHost: owns many clocks as asyncio tasks and pushes their events in batches.
+
+Each clock runs in its own task: ``open`` → ``async for batch`` → push → ``ack``. Pushes from
+all clocks meet in one outbox; a single pusher drains whatever is waiting (up to ``max_batch``
+events) into one coordinator call, so low load costs one hop per event and high load one hop
+per thousand. A clock acks its source only after the coordinator confirmed the batch durable;
+until then the batch stays in the outbox and is resent (same ids) when the coordinator is
+unavailable. A clock that crashes is restarted with backoff; one that keeps crashing is marked
+``failed`` with its last error and retried slowly, never in a hot loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.clocks import Batch, ClockSpec, EventClock, build_clock
+from actors.errors import Unavailable
+from actors.event import Event
+from actors.handles import CoordinatorHandle, SourceRejection
+
+log = logging.getLogger(__name__)
+
+CRASHES_BEFORE_FAILED = 5
+MAX_CLOCK_BACKOFF = 60.0
+THROTTLE_RETRY = 0.2
+
+
+@dataclass(slots=True)
+class _Push:
+    events: list[Event]
+    rejections: list[SourceRejection]
+    done: asyncio.Future[list[str]]
+
+
+@dataclass(slots=True)
+class ClockSlot:
+    spec: ClockSpec
+    clock: EventClock | None = None
+    task: asyncio.Task[None] | None = None
+    crashes: int = 0
+    last_error: str | None = None
+    failed: bool = False
+    events: int = 0
+    last_event_at: float | None = None
+
+    def describe(self) -> dict[str, Any]:
+        if self.failed:
+            state, error = "failed", self.last_error
+        elif self.clock is None:
+            state, error = "starting", self.last_error
+        else:
+            state, error = self.clock.state, self.clock.error or self.last_error
+        return {
+            "tenant": self.spec.tenant,
+            "flow": self.spec.flow,
+            "name": self.spec.name,
+            "type": self.spec.type,
+            "state": state,
+            "error": error,
+            "events": self.events,
+            "last_event_at": self.last_event_at,
+        }
+
+
+@dataclass
+class ListenerHost:
+    host_id: str
+    specs: list[ClockSpec]
+    state_dir: Path
+    coordinator: CoordinatorHandle
+    max_batch: int = 1000
+    _slots: dict[str, ClockSlot] = field(default_factory=dict, init=False)
+    _outbox: asyncio.Queue[_Push] | None = field(default=None, init=False)
+    _pusher: asyncio.Task[None] | None = field(default=None, init=False)
+    _started: bool = field(default=False, init=False)
+
+    async def start(self) -> None:
+        """Start every clock (idempotent: a restarted host actor calls it again)."""
+        if self._started:
+            return
+        self._started = True
+        self._outbox = asyncio.Queue()
+        self._pusher = asyncio.create_task(self._push_loop(), name=f"{self.host_id}-pusher")
+        for spec in self.specs:
+            self._add(spec)
+
+    def _add(self, spec: ClockSpec) -> None:
+        slot = ClockSlot(spec)
+        self._slots[spec.key] = slot
+        slot.task = asyncio.create_task(self._supervise(slot), name=spec.key)
+
+    async def add_clocks(self, specs: list[ClockSpec]) -> None:
+        await self.start()
+        for spec in specs:
+            if spec.key not in self._slots:
+                self.specs.append(spec)
+                self._add(spec)
+
+    async def stop(self) -> None:
+        tasks = [s.task for s in self._slots.values() if s.task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._pusher:
+            self._pusher.cancel()
+            await asyncio.gather(self._pusher, return_exceptions=True)
+        self._started = False
+
+    async def ping(self) -> dict[str, Any]:
+        await self.start()
+        return {
+            "name": self.host_id,
+            "time": time.time(),
+            "clocks": [s.describe() for s in self._slots.values()],
+            "outbox": self._outbox.qsize() if self._outbox else 0,
+        }
+
+    async def clocks(self) -> list[dict[str, Any]]:
+        return [s.describe() for s in self._slots.values()]
+
+    # -- one clock ----------------------------------------------------------------------
+    async def _supervise(self, slot: ClockSlot) -> None:
+        while True:
+            try:
+                await self._run_clock(slot)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                slot.crashes += 1
+                slot.last_error = f"{type(exc).__name__}: {exc}"
+                slot.failed = slot.crashes >= CRASHES_BEFORE_FAILED
+                delay = min(MAX_CLOCK_BACKOFF, 0.5 * 2 ** (slot.crashes - 1))
+                log.warning("clock %s crashed (%s); restart in %.1fs", slot.spec.key, exc, delay)
+            finally:
+                if slot.clock is not None:
+                    await _close_quietly(slot.clock)
+                    slot.clock = None
+            await asyncio.sleep(delay)
+
+    async def _run_clock(self, slot: ClockSlot) -> None:
+        clock = build_clock(slot.spec, self.state_dir)
+        slot.clock = clock
+        await clock.open()
+        async for batch in clock.batches():
+            if len(batch):
+                await self._deliver(slot, clock, batch)
+            await clock.ack(batch)
+            slot.crashes, slot.failed, slot.last_error = 0, False, None
+
+    async def _deliver(self, slot: ClockSlot, clock: EventClock, batch: Batch) -> None:
+        """Push until every event of the batch is durable (accepted or duplicate)."""
+        spec = slot.spec
+        now = time.time()
+        events = [
+            Event(e.id, spec.tenant, spec.flow, clock.source, e.type, e.occurred, e.payload, now)
+            for e in batch.events
+        ]
+        rejections = [
+            SourceRejection(spec.tenant, spec.flow, clock.source, r) for r in batch.rejections
+        ]
+        while events or rejections:
+            outcomes = await self._push(events, rejections)
+            rejections = []
+            events = [e for e, o in zip(events, outcomes, strict=True) if o == "throttled"]
+            for o in outcomes:
+                if o.startswith("rejected:"):
+                    log.warning("coordinator rejected an event of %s: %s", spec.key, o)
+            if events:
+                await asyncio.sleep(THROTTLE_RETRY)
+        slot.events += len(batch.events)
+        if batch.events:
+            slot.last_event_at = now
+
+    async def _push(self, events: list[Event], rejections: list[SourceRejection]) -> list[str]:
+        assert self._outbox is not None
+        done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        await self._outbox.put(_Push(events, rejections, done))
+        return await done
+
+    # -- the outbox ---------------------------------------------------------------------
+    async def _push_loop(self) -> None:
+        assert self._outbox is not None
+        while True:
+            items = [await self._outbox.get()]
+            size = len(items[0].events)
+            while size < self.max_batch and not self._outbox.empty():
+                item = self._outbox.get_nowait()
+                items.append(item)
+                size += len(item.events)
+            await self._send(items)
+
+    async def _send(self, items: list[_Push]) -> None:
+        events = [e for item in items for e in item.events]
+        rejections = [r for item in items for r in item.rejections]
+        delay = 0.05
+        while True:
+            try:
+                outcomes = await self.coordinator.submit(events, rejections)
+                break
+            except Unavailable as exc:
+                log.info("coordinator unavailable (%s); resending in %.2fs", exc, delay)
+            except Exception:
+                log.exception("push to coordinator failed; resending")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        start = 0
+        for item in items:
+            n = len(item.events)
+            if not item.done.done():
+                item.done.set_result(outcomes[start : start + n])
+            start += n
+
+
+async def _close_quietly(clock: EventClock) -> None:
+    try:
+        await clock.close()
+    except Exception:
+        log.exception("closing clock %s failed", clock.name)

@@ -1,0 +1,300 @@
+"""SQLite ledger (WAL). The default backend for single-node clusters.
+
+WAL with ``synchronous=NORMAL`` survives kill -9 of any process (only an OS crash can lose
+the last commits); ``synchronous=FULL`` adds power-loss durability. Calls are short, batched
+transactions run inline on the caller's event loop: a 1,000-row claim takes a few ms.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import msgpack
+
+from actors.event import Event
+from actors.ledger.base import (
+    EVENT_COUNTERS,
+    Finish,
+    FlowCounts,
+    RejectionRecord,
+    RunRecord,
+    RunState,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    tenant TEXT NOT NULL, flow TEXT NOT NULL, event_id TEXT NOT NULL,
+    event BLOB NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    series INTEGER NOT NULL DEFAULT 0,
+    worker INTEGER,
+    next_at REAL,
+    error TEXT, traceback TEXT,
+    prefect_flow_run_id TEXT,
+    created REAL NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (tenant, flow, event_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS runs_open ON runs(state) WHERE state IN ('pending','running','failed');
+CREATE TABLE IF NOT EXISTS counters (
+    tenant TEXT NOT NULL, flow TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
+    PRIMARY KEY (tenant, flow, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS flows (
+    tenant TEXT NOT NULL, flow TEXT NOT NULL, paused INTEGER NOT NULL DEFAULT 0,
+    last_event_at REAL,
+    PRIMARY KEY (tenant, flow)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL, flow TEXT NOT NULL, source TEXT NOT NULL,
+    reason TEXT NOT NULL, detail TEXT NOT NULL, ref TEXT NOT NULL, at REAL NOT NULL
+);
+"""
+
+RUN_COLUMNS = (
+    "event, state, attempts, series, worker, next_at, error, traceback, "
+    "prefect_flow_run_id, created, updated"
+)
+MAX_REJECTIONS_KEPT = 10_000
+
+
+def _pack(event: Event) -> bytes:
+    return msgpack.packb(event.to_wire(), use_bin_type=True)
+
+
+def _record(row: tuple) -> RunRecord:
+    return RunRecord(
+        event=Event.from_wire(msgpack.unpackb(row[0], raw=False)),
+        state=RunState(row[1]),
+        attempts=row[2],
+        series=row[3],
+        worker=row[4],
+        next_at=row[5],
+        error=row[6],
+        traceback=row[7],
+        prefect_flow_run_id=row[8],
+        created=row[9],
+        updated=row[10],
+    )
+
+
+class SQLiteLedger:
+    def __init__(self, path: Path | str, synchronous: str = "normal") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(SCHEMA)
+
+    # -- claims -------------------------------------------------------------------------
+    async def claim(self, events: list[Event]) -> list[bool]:
+        if not events:
+            return []
+        now = time.time()
+        db = self._db
+        new: list[bool] = []
+        tally: dict[tuple[str, str], list[int]] = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for e in events:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO runs (tenant, flow, event_id, event, state, created, "
+                    "updated) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+                    (e.tenant, e.flow, e.id, _pack(e), now, now),
+                )
+                is_new = cur.rowcount == 1
+                new.append(is_new)
+                t = tally.setdefault((e.tenant, e.flow), [0, 0])
+                t[0 if is_new else 1] += 1
+            for (tenant, flow), (accepted, duplicate) in tally.items():
+                self._bump(tenant, flow, "seen", accepted + duplicate)
+                self._bump(tenant, flow, "accepted", accepted)
+                self._bump(tenant, flow, "duplicate", duplicate)
+                db.execute(
+                    "INSERT INTO flows (tenant, flow, last_event_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (tenant, flow) DO UPDATE SET "
+                    "last_event_at = excluded.last_event_at",
+                    (tenant, flow, now),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return new
+
+    def _bump(self, tenant: str, flow: str, name: str, by: int) -> None:
+        if by:
+            self._db.execute(
+                "INSERT INTO counters VALUES (?, ?, ?, ?) ON CONFLICT (tenant, flow, name) "
+                "DO UPDATE SET value = value + excluded.value",
+                (tenant, flow, name, by),
+            )
+
+    async def reject(self, records: list[RejectionRecord]) -> None:
+        if not records:
+            return
+        db, now = self._db, time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for r in records:
+                self._bump(r.tenant, r.flow, "rejected", 1)
+                self._bump(r.tenant, r.flow, f"rejected:{r.reason}", 1)
+                db.execute(
+                    "INSERT INTO rejections (tenant, flow, source, reason, detail, ref, at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (r.tenant, r.flow, r.source, r.reason, r.detail[:2000], r.ref, r.at or now),
+                )
+            db.execute(
+                "DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?",
+                (MAX_REJECTIONS_KEPT,),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- run transitions ----------------------------------------------------------------
+    async def start(self, key: tuple[str, str, str], worker: int) -> int | None:
+        row = self._db.execute(
+            "UPDATE runs SET state = 'running', attempts = attempts + 1, worker = ?, "
+            "next_at = NULL, updated = ? WHERE tenant = ? AND flow = ? AND event_id = ? "
+            "AND state IN ('pending', 'failed') RETURNING attempts",
+            (worker, time.time(), *key),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    async def finish(self, results: list[Finish]) -> list[bool]:
+        now = time.time()
+        done: list[bool] = []
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for r in results:
+                state = (
+                    RunState.COMPLETED
+                    if r.ok
+                    else (RunState.FAILED if r.retry_at is not None else RunState.DEAD)
+                )
+                cur = db.execute(
+                    "UPDATE runs SET state = ?, error = ?, traceback = ?, next_at = ?, "
+                    "prefect_flow_run_id = COALESCE(?, prefect_flow_run_id), updated = ? "
+                    "WHERE tenant = ? AND flow = ? AND event_id = ? AND state = 'running' "
+                    "AND attempts = ?",
+                    (
+                        state.value,
+                        r.error,
+                        r.traceback,
+                        r.retry_at,
+                        r.prefect_flow_run_id,
+                        now,
+                        *r.key,
+                        r.attempt,
+                    ),
+                )
+                done.append(cur.rowcount == 1)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return done
+
+    async def replay(self, keys: list[tuple[str, str, str]] | None) -> list[Event]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if keys is None:
+                rows = db.execute(
+                    "UPDATE runs SET state = 'pending', attempts = 0, series = series + 1, "
+                    "error = NULL, traceback = NULL, next_at = NULL, updated = ? "
+                    "WHERE state = 'dead' RETURNING event",
+                    (time.time(),),
+                ).fetchall()
+            else:
+                rows = []
+                for key in keys:
+                    rows += db.execute(
+                        "UPDATE runs SET state = 'pending', attempts = 0, series = series + 1, "
+                        "error = NULL, traceback = NULL, next_at = NULL, updated = ? "
+                        "WHERE tenant = ? AND flow = ? AND event_id = ? AND state = 'dead' "
+                        "RETURNING event",
+                        (time.time(), *key),
+                    ).fetchall()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return [Event.from_wire(msgpack.unpackb(r[0], raw=False)) for r in rows]
+
+    # -- reads --------------------------------------------------------------------------
+    async def open_runs(self) -> list[RunRecord]:
+        rows = self._db.execute(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE state IN ('pending', 'running', 'failed') "
+            "ORDER BY created"
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    async def runs(
+        self,
+        tenant: str | None = None,
+        flow: str | None = None,
+        state: str | None = None,
+        limit: int = 1000,
+    ) -> list[RunRecord]:
+        where, args = [], []
+        for column, value in (("tenant", tenant), ("flow", flow), ("state", state)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = f"SELECT {RUN_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created DESC, event_id LIMIT ?"
+        rows = self._db.execute(sql, (*args, limit)).fetchall()
+        return [_record(r) for r in rows]
+
+    async def counts(self) -> dict[tuple[str, str], FlowCounts]:
+        out: dict[tuple[str, str], FlowCounts] = {}
+        for tenant, flow, name, value in self._db.execute("SELECT * FROM counters"):
+            c = out.setdefault((tenant, flow), FlowCounts())
+            if name in EVENT_COUNTERS:
+                c.events[name] = value
+            elif name.startswith("rejected:"):
+                c.rejected_by_reason[name.split(":", 1)[1]] = value
+        for tenant, flow, state, n in self._db.execute(
+            "SELECT tenant, flow, state, COUNT(*) FROM runs GROUP BY tenant, flow, state"
+        ):
+            out.setdefault((tenant, flow), FlowCounts()).runs[state] = n
+        for tenant, flow, last in self._db.execute("SELECT tenant, flow, last_event_at FROM flows"):
+            out.setdefault((tenant, flow), FlowCounts()).last_event_at = last
+        return out
+
+    async def rejections(self, limit: int = 100) -> list[RejectionRecord]:
+        rows = self._db.execute(
+            "SELECT tenant, flow, source, reason, detail, ref, at FROM rejections "
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [RejectionRecord(*r) for r in rows]
+
+    # -- flow state ---------------------------------------------------------------------
+    async def set_paused(self, tenant: str, flow: str, paused: bool) -> None:
+        self._db.execute(
+            "INSERT INTO flows (tenant, flow, paused) VALUES (?, ?, ?) "
+            "ON CONFLICT (tenant, flow) DO UPDATE SET paused = excluded.paused",
+            (tenant, flow, int(paused)),
+        )
+
+    async def paused(self) -> set[tuple[str, str]]:
+        return {
+            (t, f) for t, f in self._db.execute("SELECT tenant, flow FROM flows WHERE paused = 1")
+        }
+
+    async def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,119 @@
+"""FlowWorker: loads each flow once and runs it with events, many at a time.
+
+``run`` is idempotent per ``(event key, attempt)``: a coordinator that restarts re-sends the
+runs it found ``running`` in the ledger, and the worker joins the attempt already in flight
+(or returns its remembered outcome) instead of starting the flow a second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from actors.entrypoint import load_flow
+from actors.flow_runner import FlowRunner
+from actors.handles import RunOutcome
+
+RECENT_OUTCOMES = 10_000
+
+
+@dataclass(slots=True)
+class FlowTarget:
+    """What a worker needs to run one configured flow."""
+
+    tenant: str
+    flow: str
+    event_parameter: str = "event"
+    entrypoint: str | None = None
+    base_dir: str | None = None
+    flow_obj: Any = None  # a Prefect Flow given directly (the ``listen()`` API)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tenant, self.flow)
+
+
+class FlowWorker:
+    def __init__(
+        self,
+        index: int,
+        targets: list[FlowTarget],
+        tracking: str = "off",
+        max_threads: int = 8,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        os.environ.update(env or {})
+        self.index = index
+        self.tracking = tracking
+        self.max_threads = max_threads
+        self._targets = {t.key: t for t in targets}
+        self._runners: dict[tuple[str, str], FlowRunner] = {}
+        self._inflight: dict[tuple[Any, ...], asyncio.Future[RunOutcome]] = {}
+        self._recent: OrderedDict[tuple[Any, ...], RunOutcome] = OrderedDict()
+        self.runs_started = 0
+
+    def _runner(self, tenant: str, flow: str) -> FlowRunner:
+        runner = self._runners.get((tenant, flow))
+        if runner is None:
+            target = self._targets.get((tenant, flow))
+            if target is None:
+                raise LookupError(f"worker {self.index} has no flow {tenant}/{flow}")
+            flow_obj = target.flow_obj
+            if flow_obj is None:
+                base = Path(target.base_dir) if target.base_dir else None
+                flow_obj = load_flow(target.entrypoint or "", base)
+            runner = FlowRunner(
+                flow_obj,
+                event_parameter=target.event_parameter,
+                tracking=self.tracking,
+                max_threads=self.max_threads,
+            )
+            self._runners[(tenant, flow)] = runner
+        return runner
+
+    async def run(self, event: dict[str, Any], attempt: int) -> RunOutcome:
+        key = (event["tenant"], event["flow"], event["id"], attempt)
+        if key in self._recent:
+            return self._recent[key]
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(self._run(event, attempt))
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda f: self._remember(key, f))
+        return await asyncio.shield(fut)
+
+    def _remember(self, key: tuple[Any, ...], fut: asyncio.Future[RunOutcome]) -> None:
+        self._inflight.pop(key, None)
+        if not fut.cancelled() and fut.exception() is None:
+            self._recent[key] = fut.result()
+            while len(self._recent) > RECENT_OUTCOMES:
+                self._recent.popitem(last=False)
+
+    async def _run(self, event: dict[str, Any], attempt: int) -> RunOutcome:
+        started = time.time()
+        try:
+            runner = self._runner(event["tenant"], event["flow"])
+        except Exception as exc:
+            return RunOutcome(
+                ok=False,
+                error=f"{type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc(),
+                started_at=started,
+                finished_at=time.time(),
+            )
+        self.runs_started += 1
+        return await runner.run(event, attempt)
+
+    async def ping(self) -> dict[str, Any]:
+        return {
+            "name": f"worker-{self.index}",
+            "time": time.time(),
+            "inflight": len(self._inflight),
+            "runs_started": self.runs_started,
+        }

@@ -1,0 +1,86 @@
+"""The data-plane classes as Ray actors: constructors that take only picklable arguments.
+
+Each class here only adapts construction (opening the ledger inside the actor process,
+starting the HTTP server on restart); behaviour lives in ``actors/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from actors.clocks import ClockSpec
+from actors.coordinator import Coordinator, FlowPolicy, TenantPolicy
+from actors.handles import CoordinatorHandle, PingHandle
+from actors.host import ListenerHost
+from actors.ingress import ControlHandle, Ingress, TenantAuth
+from actors.ledger import open_ledger
+from actors.supervisor import ClockHostHandle, Supervisor
+from actors.worker import FlowTarget, FlowWorker
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+class CoordinatorActor(Coordinator):
+    def __init__(
+        self,
+        ledger_url: str,
+        state_dir: str,
+        synchronous: str,
+        workers: list[Any],
+        flows: list[FlowPolicy],
+        tenants: list[TenantPolicy],
+        worker_concurrency: int,
+    ) -> None:
+        _logging()
+        ledger = open_ledger(ledger_url, Path(state_dir), synchronous)
+        super().__init__(ledger, workers, flows, tenants, worker_concurrency=worker_concurrency)
+
+
+class HostActor(ListenerHost):
+    def __init__(
+        self, host_id: str, specs: list[ClockSpec], state_dir: str, coordinator: CoordinatorHandle
+    ) -> None:
+        _logging()
+        super().__init__(host_id, list(specs), Path(state_dir), coordinator)
+
+
+class WorkerActor(FlowWorker):
+    def __init__(self, index: int, targets: list[FlowTarget], tracking: str, threads: int) -> None:
+        _logging()
+        super().__init__(index, targets, tracking=tracking, max_threads=threads)
+
+
+class IngressActor(Ingress):
+    def __init__(
+        self,
+        flows: list[tuple[str, str]],
+        tenants: list[TenantAuth],
+        coordinator: CoordinatorHandle,
+        control: ControlHandle,
+        options: dict[str, Any],
+    ) -> None:
+        _logging()
+        super().__init__(flows, tenants, coordinator, control, **options)
+
+    async def ping(self) -> dict[str, Any]:
+        await self.start()  # a restarted ingress binds its port again
+        return await super().ping()
+
+
+class SupervisorActor(Supervisor):
+    def __init__(
+        self,
+        coordinator: Any,
+        hosts: list[ClockHostHandle],
+        others: list[PingHandle],
+        host_specs: dict[str, list[ClockSpec]],
+        interval: float,
+    ) -> None:
+        _logging()
+        super().__init__(coordinator, hosts, others, host_specs, interval=interval)

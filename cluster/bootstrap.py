@@ -1,0 +1,204 @@
+"""Put a validated config onto Ray: actor classes, options, names, placement, restarts.
+
+Names derive from the state dir (``namespace_for``) so two clusters on one machine, or two
+test runs sharing one Ray, never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.clocks import ClockSpec
+from actors.coordinator import FlowPolicy, TenantPolicy
+from actors.ingress import TenantAuth
+from actors.worker import FlowTarget
+from cluster.actors_remote import (
+    CoordinatorActor,
+    HostActor,
+    IngressActor,
+    SupervisorActor,
+    WorkerActor,
+)
+from cluster.config import ClusterConfig
+from cluster.handles import RayCoordinatorHandle, RayHandle, RayWorkerHandle
+
+INGRESS_SUBMIT_TIMEOUT = 5.0
+HOST_SUBMIT_TIMEOUT = 30.0
+# Actors hold no CPU: thousands of clocks share a few processes and flows run on threads.
+COMMON = {"num_cpus": 0, "lifetime": "detached", "max_restarts": -1}
+
+
+def namespace_for(state_dir: Path) -> str:
+    digest = hashlib.sha1(str(Path(state_dir).resolve()).encode()).hexdigest()[:12]
+    return f"listeners-{digest}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def partition(specs: list[ClockSpec], per_host: int) -> list[list[ClockSpec]]:
+    """Clocks to hosts: at most ``per_host`` each, at least one host (it may hold none)."""
+    groups = [specs[i : i + per_host] for i in range(0, len(specs), per_host)]
+    return groups or [[]]
+
+
+@dataclass
+class Deployment:
+    """Handles of one running cluster's actors."""
+
+    namespace: str
+    coordinator: RayCoordinatorHandle
+    supervisor: RayHandle
+    ingress: RayHandle
+    hosts: list[RayHandle]
+    workers: list[RayWorkerHandle]
+    ingress_port: int
+    actors: list[Any] = field(default_factory=list)
+
+    def all_handles(self) -> list[RayHandle]:
+        return [*self.hosts, self.ingress, self.supervisor, self.coordinator, *self.workers]
+
+
+def _actor(cls: type, name: str, namespace: str, **options: Any) -> Any:
+    return ray.remote(cls).options(name=name, namespace=namespace, **COMMON, **options)
+
+
+def flow_targets(config: ClusterConfig, flow_objs: dict[str, Any] | None) -> list[FlowTarget]:
+    objs = flow_objs or {}
+    return [
+        FlowTarget(
+            tenant=f.tenant,
+            flow=f.name,
+            event_parameter=f.event_parameter,
+            entrypoint=None if f.ref in objs else f.entrypoint,
+            base_dir=str(config.base_dir),
+            flow_obj=objs.get(f.ref),
+        )
+        for f in config.flows
+    ]
+
+
+def deploy(
+    config: ClusterConfig,
+    *,
+    tracking: str,
+    worker_env: dict[str, str],
+    admin_token: str,
+    flow_objs: dict[str, Any] | None = None,
+) -> Deployment:
+    """Create every actor of the cluster (the caller has initialised Ray)."""
+    c = config.cluster
+    ns = namespace_for(config.state_path)
+    state_dir = str(config.state_path)
+    targets = flow_targets(config, flow_objs)
+    workers = [
+        RayWorkerHandle(
+            f"worker-{i}",
+            _actor(WorkerActor, f"worker-{i}", ns, runtime_env={"env_vars": worker_env}).remote(
+                i, targets, tracking, c.worker_concurrency
+            ),
+        )
+        for i in range(c.workers)
+    ]
+    coord_actor = _actor(CoordinatorActor, "coordinator", ns, max_task_retries=-1).remote(
+        config.ledger_url,
+        state_dir,
+        c.synchronous,
+        workers,
+        [FlowPolicy(f.tenant, f.name, f.retries, f.retry_delay) for f in config.flows],
+        [
+            TenantPolicy(t.name, t.quotas.max_concurrent_runs, t.quotas.max_events_per_second)
+            for t in config.all_tenants()
+        ],
+        c.worker_concurrency,
+    )
+    host_coord = RayCoordinatorHandle("coordinator", coord_actor, HOST_SUBMIT_TIMEOUT)
+    host_specs: dict[str, list[ClockSpec]] = {}
+    hosts = []
+    for i, group in enumerate(partition(config.clock_specs(), c.clocks_per_host)):
+        name = f"host-{i}"
+        host_specs[name] = group
+        actor = _actor(HostActor, name, ns, max_task_retries=-1).remote(
+            name, group, state_dir, host_coord
+        )
+        hosts.append(RayHandle(name, actor, timeout=30.0))
+    port = c.ingress.port or free_port(c.ingress.host)
+    coordinator = RayCoordinatorHandle("coordinator", coord_actor, timeout=30.0)
+    supervisor_actor = _actor(SupervisorActor, "supervisor", ns, max_task_retries=-1).remote(
+        coordinator, hosts, workers, host_specs, c.heartbeat_seconds
+    )
+    supervisor = RayHandle("supervisor", supervisor_actor, timeout=30.0)
+    ingress_actor = _actor(IngressActor, "ingress", ns, max_task_retries=-1).remote(
+        [(f.tenant, f.name) for f in config.flows],
+        [TenantAuth(t.name, config.token_for(t.name)) for t in config.all_tenants()],
+        RayCoordinatorHandle("coordinator", coord_actor, INGRESS_SUBMIT_TIMEOUT),
+        supervisor,
+        {
+            "admin_token": admin_token,
+            "host": c.ingress.host,
+            "port": port,
+            "max_payload_bytes": c.max_payload_bytes,
+        },
+    )
+    ingress = RayHandle("ingress", ingress_actor, timeout=30.0)
+    return Deployment(ns, coordinator, supervisor, ingress, hosts, workers, port)
+
+
+async def start_deployment(d: Deployment) -> None:
+    """Start the actors in dependency order (each ``start`` is idempotent)."""
+    await d.coordinator.call("start")
+    await asyncio.gather(*(h.call("start") for h in d.hosts))
+    await d.ingress.call("start")
+    # The supervisor watches the ingress too, now that it is up.
+    await d.supervisor.call("watch", d.ingress)
+    await d.supervisor.call("start")
+
+
+async def clock_states(d: Deployment) -> list[dict[str, Any]]:
+    states: list[dict[str, Any]] = []
+    for host in d.hosts:
+        states.extend(await host.call("clocks"))
+    return states
+
+
+async def stop_deployment(d: Deployment, drain_timeout: float = 30.0) -> None:
+    """Stop intake, drain runs, then kill every actor (none may outlive ``down``)."""
+    steps = [
+        *(h.call("stop") for h in d.hosts),
+        d.ingress.call("stop"),
+        d.supervisor.call("stop"),
+    ]
+    await asyncio.gather(*steps, return_exceptions=True)
+    with contextlib.suppress(Exception):
+        await d.coordinator.call("stop", drain_timeout, timeout=drain_timeout + 5)
+    kill_namespace_actors(d.namespace, [h.actor for h in d.all_handles()])
+
+
+def kill_namespace_actors(namespace: str, known: list[Any] | None = None) -> int:
+    """Kill the cluster's actors: the given handles plus any named one left in the namespace."""
+    killed = 0
+    handles = list(known or [])
+    for info in ray.util.list_named_actors(all_namespaces=True):
+        if info.get("namespace") == namespace:
+            try:
+                handles.append(ray.get_actor(info["name"], namespace=namespace))
+            except ValueError:
+                continue
+    for handle in handles:
+        try:
+            ray.kill(handle, no_restart=True)
+            killed += 1
+        except Exception:
+            continue
+    return killed
