@@ -77,6 +77,19 @@ class FlowWorker:
             self._runners[(tenant, flow)] = runner
         return runner
 
+    async def start(self) -> dict[str, str]:
+        """Load every flow now, so the first event does not pay for imports.
+
+        Returns the flows that failed to load, with the reason (their runs will fail with it).
+        """
+        failed: dict[str, str] = {}
+        for tenant, flow in self._targets:
+            try:
+                self._runner(tenant, flow)
+            except Exception as exc:
+                failed[f"{tenant}/{flow}"] = f"{type(exc).__name__}: {exc}"
+        return failed
+
     async def run(self, event: dict[str, Any], attempt: int) -> RunOutcome:
         key = (event["tenant"], event["flow"], event["id"], attempt)
         if key in self._recent:

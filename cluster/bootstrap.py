@@ -157,6 +157,7 @@ def deploy(
 
 async def start_deployment(d: Deployment) -> None:
     """Start the actors in dependency order (each ``start`` is idempotent)."""
+    await asyncio.gather(*(w.call("start") for w in d.workers))
     await d.coordinator.call("start")
     await asyncio.gather(*(h.call("start") for h in d.hosts))
     await d.ingress.call("start")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 from actors.clocks.base import Batch, ClockSpec, CursorStore, EventClock, RawEvent, Rejection
 
@@ -20,7 +21,10 @@ __all__ = [
 CLOCK_TYPES: dict[str, type[EventClock]] = {}
 
 
-def register(cls: type[EventClock]) -> type[EventClock]:
+C = TypeVar("C", bound=type[EventClock])
+
+
+def register(cls: C) -> C:
     CLOCK_TYPES[cls.type] = cls
     return cls
 

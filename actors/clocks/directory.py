@@ -169,7 +169,7 @@ class DirectoryClock(EventClock):
     async def batches(self) -> AsyncIterator[Batch]:
         backoff = Backoff(initial=min(self.poll_interval, 1.0), cap=30.0)
         while True:
-            if not self.directory.is_dir():
+            if not await asyncio.to_thread(self.directory.is_dir):
                 self.set_degraded(f"directory {self.directory} does not exist")
                 await asyncio.sleep(backoff.next())
                 continue
@@ -219,7 +219,7 @@ class DirectoryClock(EventClock):
         timeout = max(0.0, deadline - time.monotonic())
         if not self._changed:
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def _watch(self) -> None:

@@ -295,3 +295,19 @@ async def test_clocks_beyond_max_watchers_still_see_files_by_rescanning(
         batch = await pending
     assert names(batch) == ["polled.txt"]
     assert DirectoryClock._watchers == 0
+
+
+async def test_a_directory_removed_while_listening_degrades_and_recovers(
+    inbox: Path, tmp_path: Path
+) -> None:
+    clock = make_clock(inbox, tmp_path / "c.json", poll_interval=0.05)
+    async with running(clock) as batches:
+        pending = asyncio.ensure_future(next_batch(batches))
+        await wait_until(lambda: clock.state == "listening")
+        os.rmdir(inbox)
+        await wait_until(lambda: clock.state == "degraded")
+        os.mkdir(inbox)
+        (inbox / "back.txt").write_text("x")
+        batch = await pending
+    assert clock.state == "listening"
+    assert names(batch) == ["back.txt"]
