@@ -116,7 +116,7 @@ class Coordinator:
             self._schedule_retry(ev, max(0.0, (rec.next_at or now) - now))
         else:  # running when the previous coordinator died: re-send, same worker and attempt
             worker = rec.worker if rec.worker is not None and rec.worker < len(self.workers) else 0
-            self._launch(ev, worker, attempt=rec.attempts)
+            self._launch(ev, worker, started=(rec.attempts, rec.series))
 
     async def stop(self, drain_timeout: float = 30.0) -> int:
         """Stop dispatching; wait up to ``drain_timeout`` for running attempts. Returns how
@@ -211,19 +211,20 @@ class Coordinator:
             return None
         return self._worker_load.index(load)
 
-    def _launch(self, ev: Event, worker: int, attempt: int | None = None) -> None:
+    def _launch(self, ev: Event, worker: int, started: tuple[int, int] | None = None) -> None:
         self._worker_load[worker] += 1
         self._tenant_running[ev.tenant] = self._tenant_running.get(ev.tenant, 0) + 1
-        task = asyncio.get_running_loop().create_task(self._run(ev, worker, attempt))
+        task = asyncio.get_running_loop().create_task(self._run(ev, worker, started))
         self._inflight[ev.key] = task
 
-    async def _run(self, ev: Event, worker: int, attempt: int | None) -> None:
+    async def _run(self, ev: Event, worker: int, started: tuple[int, int] | None) -> None:
         try:
-            if attempt is None:
-                attempt = await self.ledger.start(ev.key, worker)
-                if attempt is None:
+            if started is None:
+                started = await self.ledger.start(ev.key, worker)
+                if started is None:
                     return  # completed, dead or running elsewhere: nothing to start
-            outcome = await self._call_worker(worker, ev, attempt)
+            attempt, series = started
+            outcome = await self._call_worker(worker, ev, attempt, series)
             if outcome.ok and ev.received:
                 self._latencies.append(outcome.started_at - ev.received)
             await self._record(ev, attempt, outcome)
@@ -235,9 +236,9 @@ class Coordinator:
             self._inflight.pop(ev.key, None)
             self._pump()
 
-    async def _call_worker(self, worker: int, ev: Event, attempt: int) -> RunOutcome:
+    async def _call_worker(self, worker: int, ev: Event, attempt: int, series: int) -> RunOutcome:
         try:
-            return await self.workers[worker].run(ev.to_dict(), attempt)
+            return await self.workers[worker].run(ev.to_dict(), attempt, series)
         except Exception as exc:  # an in-process worker raising: same as a failed attempt
             return RunOutcome(
                 ok=False,

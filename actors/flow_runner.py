@@ -27,10 +27,11 @@ raises for a failing flow, and it never returns (or pickles) the flow's result.
 Prefect settings are applied per run through a ``SettingsContext`` (not by mutating the
 process): flow-run heartbeats are off (``flows.heartbeat_frequency=None``; with them on,
 every sync flow run stalls ~1 s joining the heartbeat thread; the cluster's ledger, not
-Prefect, detects crashed runs), and ephemeral servers are disabled. As a backstop for
-Prefect's background threads, which read the process-global settings, building a runner
-also sets ``PREFECT_SERVER_EPHEMERAL_ENABLED=false`` for the process. Tracked runs share one
-API client per runner (one per event loop for async flows) instead of building one per run.
+Prefect, detects crashed runs), ephemeral servers are disabled, and ``api.url`` is the
+runner's (``None`` when untracked, so "off" means no API even if the environment names one).
+The process is not touched; :func:`disable_ephemeral_server_for_process` is an optional
+backstop for a worker process. Tracked runs share one API client per runner (one per event
+loop for async flows) instead of building one per run (~20 ms of TLS setup each).
 """
 
 from __future__ import annotations
@@ -45,10 +46,19 @@ import time
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from actors.errors import FlowLoadError, ListenerError
+from actors.handles import RunOutcome  # ok, error, traceback, prefect_flow_run_id, started/finished
+
+__all__ = [
+    "FlowRunner",
+    "RunOutcome",
+    "check_event_parameter",
+    "current_attempt",
+    "current_event",
+    "disable_ephemeral_server_for_process",
+]
 
 TRACKING_MODES = ("off", "api")
 RUN_NAME_ID_CHARS = 48
@@ -73,18 +83,6 @@ def current_attempt() -> int | None:
 def current_event() -> dict[str, Any] | None:
     """The event of the run in progress; ``None`` outside the cluster."""
     return _event.get()
-
-
-@dataclass(slots=True)
-class RunOutcome:
-    """How one attempt went. ``started_at``/``finished_at`` are ``time.time()`` values."""
-
-    ok: bool
-    error: str | None
-    traceback: str | None
-    prefect_flow_run_id: str | None
-    started_at: float
-    finished_at: float
 
 
 def check_event_parameter(flow: Any, event_parameter: str) -> None:
@@ -142,8 +140,13 @@ def _current_run_name() -> str:
     return _run_name.get() or "listener-run"
 
 
-def _disable_ephemeral_for_process() -> None:
-    """Stop Prefect background threads (global settings) from starting a temporary server."""
+def disable_ephemeral_server_for_process() -> None:
+    """Stop anything in this process, outside runner scopes, from starting a temporary server.
+
+    Runs are already scoped (see the module docstring); a worker process may call this once
+    at start as a backstop. It sets ``PREFECT_SERVER_EPHEMERAL_ENABLED=false`` and refreshes
+    Prefect's process-global settings from the environment.
+    """
     import prefect.context
 
     os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
@@ -203,7 +206,6 @@ class FlowRunner:
         self._lock = threading.Lock()
         self._sync_client: Any = None
         self._async_clients: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = {}
-        _disable_ephemeral_for_process()
 
     @staticmethod
     def _resolve_api_url(api_url: str | None) -> str:
@@ -303,7 +305,14 @@ class FlowRunner:
         tb: str | None = None,
         flow_run_id: str | None = None,
     ) -> RunOutcome:
-        return RunOutcome(error is None, error, tb, flow_run_id, started, time.time())
+        return RunOutcome(
+            ok=error is None,
+            error=error,
+            traceback=tb,
+            prefect_flow_run_id=flow_run_id,
+            started_at=started,
+            finished_at=time.time(),
+        )
 
     def _failed(self, exc: BaseException, started: float, flow_run_id: str | None) -> RunOutcome:
         error, tb = _describe(exc)

@@ -54,8 +54,9 @@ class CoordinatorHandle(Protocol):
 
 
 class WorkerHandle(Protocol):
-    async def run(self, event: dict[str, Any], attempt: int) -> RunOutcome:
-        """Run the event's flow once. Worker death is reported as a failed outcome."""
+    async def run(self, event: dict[str, Any], attempt: int, series: int = 0) -> RunOutcome:
+        """Run the event's flow once (attempt ``attempt`` of replay series ``series``).
+        Idempotent per ``(event key, series, attempt)``. Worker death is a failed outcome."""
 
 
 class PingHandle(Protocol):

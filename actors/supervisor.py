@@ -12,6 +12,7 @@ with the fewest clocks. The supervisor also answers the control plane: per-flow 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -144,8 +145,19 @@ class Supervisor:
             for name, w in self._watches.items()
         ]
 
+    async def _refresh_hosts(self) -> None:
+        """Fresh clock states for ``status`` (a host that does not answer keeps its last)."""
+
+        async def one(name: str) -> None:
+            w = self._watches[name]
+            with contextlib.suppress(Exception):
+                w.info = await asyncio.wait_for(w.target.ping(1.0), 1.0)
+
+        await asyncio.gather(*(one(n) for n in self.hosts))
+
     async def status(self) -> dict[str, Any]:
-        base = await self.coordinator.status()
+        await self.start()
+        base, _ = await asyncio.gather(self.coordinator.status(), self._refresh_hosts())
         clocks = self.clocks()
         now = time.time()
         for f in base["flows"]:

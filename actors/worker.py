@@ -90,8 +90,8 @@ class FlowWorker:
                 failed[f"{tenant}/{flow}"] = f"{type(exc).__name__}: {exc}"
         return failed
 
-    async def run(self, event: dict[str, Any], attempt: int) -> RunOutcome:
-        key = (event["tenant"], event["flow"], event["id"], attempt)
+    async def run(self, event: dict[str, Any], attempt: int, series: int = 0) -> RunOutcome:
+        key = (event["tenant"], event["flow"], event["id"], series, attempt)
         if key in self._recent:
             return self._recent[key]
         fut = self._inflight.get(key)

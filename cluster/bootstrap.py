@@ -28,7 +28,7 @@ from cluster.actors_remote import (
     WorkerActor,
 )
 from cluster.config import ClusterConfig
-from cluster.handles import RayCoordinatorHandle, RayHandle, RayWorkerHandle
+from cluster.handles import ActorRecipe, RayCoordinatorHandle, RayHandle, RayWorkerHandle
 
 INGRESS_SUBMIT_TIMEOUT = 5.0
 HOST_SUBMIT_TIMEOUT = 30.0
@@ -70,8 +70,12 @@ class Deployment:
         return [*self.hosts, self.ingress, self.supervisor, self.coordinator, *self.workers]
 
 
-def _actor(cls: type, name: str, namespace: str, **options: Any) -> Any:
-    return ray.remote(cls).options(name=name, namespace=namespace, **COMMON, **options)
+def _spawn(
+    cls: type, name: str, namespace: str, *args: Any, **options: Any
+) -> tuple[Any, ActorRecipe]:
+    """Create a named actor; the recipe lets the supervisor create it again if Ray gives up."""
+    recipe = ActorRecipe(cls, name, namespace, {**COMMON, **options}, args)
+    return recipe.spawn(), recipe
 
 
 def flow_targets(config: ClusterConfig, flow_objs: dict[str, Any] | None) -> list[FlowTarget]:
@@ -102,16 +106,23 @@ def deploy(
     ns = namespace_for(config.state_path)
     state_dir = str(config.state_path)
     targets = flow_targets(config, flow_objs)
-    workers = [
-        RayWorkerHandle(
+    workers = []
+    for i in range(c.workers):
+        actor, recipe = _spawn(
+            WorkerActor,
             f"worker-{i}",
-            _actor(WorkerActor, f"worker-{i}", ns, runtime_env={"env_vars": worker_env}).remote(
-                i, targets, tracking, c.worker_concurrency
-            ),
+            ns,
+            i,
+            targets,
+            tracking,
+            c.worker_concurrency,
+            runtime_env={"env_vars": worker_env},
         )
-        for i in range(c.workers)
-    ]
-    coord_actor = _actor(CoordinatorActor, "coordinator", ns, max_task_retries=-1).remote(
+        workers.append(RayWorkerHandle(f"worker-{i}", actor, recipe=recipe))
+    coord_actor, coord_recipe = _spawn(
+        CoordinatorActor,
+        "coordinator",
+        ns,
         config.ledger_url,
         state_dir,
         c.synchronous,
@@ -122,24 +133,36 @@ def deploy(
             for t in config.all_tenants()
         ],
         c.worker_concurrency,
+        max_task_retries=-1,
     )
+    coordinator = RayCoordinatorHandle("coordinator", coord_actor, 30.0, coord_recipe)
     host_coord = RayCoordinatorHandle("coordinator", coord_actor, HOST_SUBMIT_TIMEOUT)
     host_specs: dict[str, list[ClockSpec]] = {}
     hosts = []
     for i, group in enumerate(partition(config.clock_specs(), c.clocks_per_host)):
         name = f"host-{i}"
         host_specs[name] = group
-        actor = _actor(HostActor, name, ns, max_task_retries=-1).remote(
-            name, group, state_dir, host_coord
+        actor, recipe = _spawn(
+            HostActor, name, ns, name, group, state_dir, host_coord, max_task_retries=-1
         )
-        hosts.append(RayHandle(name, actor, timeout=30.0))
+        hosts.append(RayHandle(name, actor, 30.0, recipe))
     port = c.ingress.port or free_port(c.ingress.host)
-    coordinator = RayCoordinatorHandle("coordinator", coord_actor, timeout=30.0)
-    supervisor_actor = _actor(SupervisorActor, "supervisor", ns, max_task_retries=-1).remote(
-        coordinator, hosts, workers, host_specs, c.heartbeat_seconds
+    sup_actor, _ = _spawn(
+        SupervisorActor,
+        "supervisor",
+        ns,
+        coordinator,
+        hosts,
+        workers,
+        host_specs,
+        c.heartbeat_seconds,
+        max_task_retries=-1,
     )
-    supervisor = RayHandle("supervisor", supervisor_actor, timeout=30.0)
-    ingress_actor = _actor(IngressActor, "ingress", ns, max_task_retries=-1).remote(
+    supervisor = RayHandle("supervisor", sup_actor, timeout=30.0)
+    ingress_actor, ingress_recipe = _spawn(
+        IngressActor,
+        "ingress",
+        ns,
         [(f.tenant, f.name) for f in config.flows],
         [TenantAuth(t.name, config.token_for(t.name)) for t in config.all_tenants()],
         RayCoordinatorHandle("coordinator", coord_actor, INGRESS_SUBMIT_TIMEOUT),
@@ -150,8 +173,9 @@ def deploy(
             "port": port,
             "max_payload_bytes": c.max_payload_bytes,
         },
+        max_task_retries=-1,
     )
-    ingress = RayHandle("ingress", ingress_actor, timeout=30.0)
+    ingress = RayHandle("ingress", ingress_actor, 30.0, ingress_recipe)
     return Deployment(ns, coordinator, supervisor, ingress, hosts, workers, port)
 
 

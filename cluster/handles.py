@@ -7,6 +7,8 @@ a worker dying mid-run becomes a failed :class:`RunOutcome` (so the attempt is r
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -19,13 +21,45 @@ from actors.handles import RunOutcome, SourceRejection
 ACTOR_DOWN = (RayActorError, ActorUnavailableError, GetTimeoutError, asyncio.TimeoutError)
 
 
+@dataclass
+class ActorRecipe:
+    """How to create a named actor again once Ray has given up on it (killed for good)."""
+
+    cls: type
+    name: str
+    namespace: str
+    options: dict[str, Any]
+    args: tuple[Any, ...]
+
+    def spawn(self) -> Any:
+        return (
+            ray.remote(self.cls)
+            .options(name=self.name, namespace=self.namespace, **self.options)
+            .remote(*self.args)
+        )
+
+    def exists(self) -> bool:
+        try:
+            ray.get_actor(self.name, namespace=self.namespace)
+        except ValueError:
+            return False
+        return True
+
+
 class RayHandle:
     """An async proxy for one named actor: ``await h.method(*args)`` calls it remotely."""
 
-    def __init__(self, name: str, actor: Any, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        actor: Any,
+        timeout: float | None = None,
+        recipe: ActorRecipe | None = None,
+    ) -> None:
         self.name = name
         self.actor = actor
         self.timeout = timeout
+        self.recipe = recipe
 
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         ref = getattr(self.actor, method).remote(*args)
@@ -50,7 +84,11 @@ class RayHandle:
         return await self.call("ping", timeout=timeout)
 
     async def restart(self) -> None:
-        ray.kill(self.actor, no_restart=False)
+        """Kill and let Ray restart it; if Ray has given up on it, create it anew."""
+        with contextlib.suppress(Exception):
+            ray.kill(self.actor, no_restart=False)
+        if self.recipe is not None and not self.recipe.exists():
+            self.actor = self.recipe.spawn()
 
 
 class RayCoordinatorHandle(RayHandle):
@@ -61,8 +99,8 @@ class RayCoordinatorHandle(RayHandle):
 
 
 class RayWorkerHandle(RayHandle):
-    async def run(self, event: dict[str, Any], attempt: int) -> RunOutcome:
+    async def run(self, event: dict[str, Any], attempt: int, series: int = 0) -> RunOutcome:
         try:
-            return await self.call("run", event, attempt)
+            return await self.call("run", event, attempt, series)
         except Unavailable as exc:
             return RunOutcome(ok=False, error=f"worker died during the run: {exc}")

@@ -107,9 +107,10 @@ class Ledger(Protocol):
 
     async def reject(self, records: list[RejectionRecord]) -> None: ...
 
-    async def start(self, key: tuple[str, str, str], worker: int) -> int | None:
-        """``pending``/``failed`` → ``running`` with attempts+1; the attempt number, or None
-        if the run is not startable (already running, completed or dead)."""
+    async def start(self, key: tuple[str, str, str], worker: int) -> tuple[int, int] | None:
+        """``pending``/``failed`` → ``running`` with attempts+1; ``(attempt, series)``, or None
+        if the run is not startable (already running, completed or dead). ``series`` counts
+        replays, so ``(series, attempt)`` names one attempt for all time."""
 
     async def finish(self, results: list[Finish]) -> list[bool]:
         """Record outcomes of running attempts; False where the attempt was stale."""

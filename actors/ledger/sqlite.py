@@ -161,14 +161,14 @@ class SQLiteLedger:
             raise
 
     # -- run transitions ----------------------------------------------------------------
-    async def start(self, key: tuple[str, str, str], worker: int) -> int | None:
+    async def start(self, key: tuple[str, str, str], worker: int) -> tuple[int, int] | None:
         row = self._db.execute(
             "UPDATE runs SET state = 'running', attempts = attempts + 1, worker = ?, "
             "next_at = NULL, updated = ? WHERE tenant = ? AND flow = ? AND event_id = ? "
-            "AND state IN ('pending', 'failed') RETURNING attempts",
+            "AND state IN ('pending', 'failed') RETURNING attempts, series",
             (worker, time.time(), *key),
         ).fetchone()
-        return None if row is None else int(row[0])
+        return None if row is None else (int(row[0]), int(row[1]))
 
     async def finish(self, results: list[Finish]) -> list[bool]:
         now = time.time()

@@ -1,0 +1,117 @@
+"""Tracked runs: FlowRunner(tracking="api") against a real PrefectServer (one per module)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import prefect
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
+
+from actors.flow_runner import FlowRunner
+from cluster.prefect_server import PrefectServer
+from tests import flows_for_tests as flows
+
+
+@pytest.fixture(scope="module")
+def prefect_server(request, tmp_path_factory) -> Iterator[PrefectServer]:
+    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    template_dir = cache.mkdir("prefect-db-template") if cache else tmp_path_factory.mktemp("t")
+    server = PrefectServer(
+        tmp_path_factory.mktemp("state"),
+        template_db=Path(template_dir) / f"prefect-{prefect.__version__}.db",
+    )
+    with server:
+        yield server
+    assert not server.is_running()
+
+
+@pytest.fixture
+def api_url(prefect_server: PrefectServer, monkeypatch) -> str:
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server.api_url)
+    return prefect_server.api_url
+
+
+def make_event(**over: Any) -> dict[str, Any]:
+    event = {
+        "id": f"ev-{uuid.uuid4().hex[:12]}",
+        "tenant": "acme",
+        "flow": "ingest",
+        "source": "test",
+        "type": "test",
+        "occurred": "2024-01-01T00:00:00+00:00",
+        "payload": {"n": 1},
+    }
+    event.update(over)
+    return event
+
+
+async def read_run(api_url: str, run_id: str | None) -> Any:
+    assert run_id is not None
+    async with get_client() as client:
+        assert str(client.api_url).rstrip("/") == api_url
+        return await client.read_flow_run(UUID(run_id))
+
+
+def test_server_layout(prefect_server: PrefectServer) -> None:
+    assert prefect_server.is_running()
+    assert prefect_server.api_url == f"{prefect_server.ui_url}/api"
+    assert prefect_server.db_path == prefect_server.state_dir / "prefect" / "prefect.db"
+    assert prefect_server.db_path.is_file()
+    assert prefect_server.log_path == prefect_server.state_dir / "logs" / "prefect-server.log"
+    assert prefect_server.startup_seconds is not None
+
+
+@pytest.mark.parametrize("flow", [flows.sync_flow, flows.async_flow])
+async def test_tracked_run_is_on_the_server(api_url, flow) -> None:
+    runner = FlowRunner(flow, tracking="api")
+    assert runner.api_url == api_url
+    event = make_event()
+    try:
+        outcome = await runner.run(event, attempt=1)
+        retry = await runner.run(event, attempt=2)
+    finally:
+        await runner.aclose()
+    assert outcome.ok and retry.ok, (outcome.error, retry.error)
+    assert flows.SEEN[event["id"]]["event"] == event
+    assert outcome.prefect_flow_run_id != retry.prefect_flow_run_id
+    run = await read_run(api_url, outcome.prefect_flow_run_id)
+    assert run.name == f"ingest-{event['id']}"
+    assert set(run.tags) == {"tenant:acme", "flow:ingest", f"event:{event['id']}", "attempt:1"}
+    assert run.state_type == StateType.COMPLETED
+    assert run.parameters["event"] == event
+    second = await read_run(api_url, retry.prefect_flow_run_id)
+    assert second.name == f"ingest-{event['id']}-try2" and "attempt:2" in second.tags
+
+
+async def test_tracked_failure_has_error_and_failed_run(api_url) -> None:
+    runner = FlowRunner(flows.failing_flow, tracking="api")
+    event = make_event()
+    try:
+        outcome = await runner.run(event, attempt=1)
+    finally:
+        await runner.aclose()
+    assert not outcome.ok
+    assert outcome.error == f"ValueError: boom for {event['id']}"
+    assert outcome.traceback is not None and "failing_flow" in outcome.traceback
+    run = await read_run(api_url, outcome.prefect_flow_run_id)
+    assert run.state_type == StateType.FAILED
+
+
+async def test_tracked_runs_have_no_heartbeat_stall_and_tasks_work(api_url) -> None:
+    runner = FlowRunner(flows.task_flow, tracking="api", max_threads=4)
+    try:
+        outcomes = await asyncio.gather(*(runner.run(make_event(), 1) for _ in range(8)))
+    finally:
+        await runner.aclose()
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert len({o.prefect_flow_run_id for o in outcomes}) == 8
+    # The ~1 s heartbeat-join stall would make every sync run last >= ~0.9 s.
+    durations = sorted(o.finished_at - o.started_at for o in outcomes)
+    assert durations[0] < 0.8, durations
