@@ -68,14 +68,16 @@ class RecordingWorker:
         self.raise_first = raise_first
         self.gate = gate
         self.calls: list[tuple[str, int]] = []
+        self.series: list[int] = []
         self.events: list[dict[str, Any]] = []
         self.running = 0
         self.max_running = 0
         self.running_by_tenant: Counter[str] = Counter()
         self.max_by_tenant: Counter[str] = Counter()
 
-    async def run(self, event: dict[str, Any], attempt: int) -> RunOutcome:
+    async def run(self, event: dict[str, Any], attempt: int, series: int = 0) -> RunOutcome:
         self.calls.append((event["id"], attempt))
+        self.series.append(series)
         self.events.append(event)
         tenant = event["tenant"]
         self.running += 1

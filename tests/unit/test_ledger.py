@@ -116,7 +116,7 @@ async def test_reject_of_nothing_counts_nothing(ledger: SQLiteLedger) -> None:
 # -- run transitions -----------------------------------------------------------------------
 async def test_start_moves_pending_to_running_as_attempt_one(ledger: SQLiteLedger) -> None:
     await ledger.claim([make_event("e1")])
-    assert await ledger.start(KEY, worker=3) == 1
+    assert await ledger.start(KEY, worker=3) == (1, 0)
     (rec,) = await ledger.runs()
     assert (rec.state, rec.attempts, rec.worker) == (RunState.RUNNING, 1, 3)
 
@@ -147,7 +147,7 @@ async def test_failed_attempt_with_retry_is_failed_then_restartable(ledger: SQLi
     assert await ledger.finish([fail(1)]) == [True]
     (rec,) = await ledger.runs()
     assert (rec.state, rec.error, rec.next_at) == (RunState.FAILED, "boom", 1.0)
-    assert await ledger.start(KEY, 0) == 2
+    assert await ledger.start(KEY, 0) == (2, 0)
     assert await state_of(ledger) == ("running", 2)
 
 
@@ -241,7 +241,7 @@ async def test_replay_moves_dead_to_pending_with_attempts_reset(ledger: SQLiteLe
     assert ev.id == "e1"
     (rec,) = await ledger.runs()
     assert (rec.state, rec.attempts, rec.series, rec.error) == (RunState.PENDING, 0, 1, None)
-    assert await ledger.start(KEY, 0) == 1
+    assert await ledger.start(KEY, 0) == (1, 1)
 
 
 async def test_replay_of_all_replays_only_dead_runs(ledger: SQLiteLedger) -> None:

@@ -150,13 +150,13 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(key=keys)
     def start(self, key: tuple[str, str, str]) -> None:
         m = self.model[key]
-        attempt = self.run(self.ledger.start(key, next(self.workers)))
+        started = self.run(self.ledger.start(key, next(self.workers)))
         if m.state in ("pending", "failed"):
             m.attempts += 1
             m.state = "running"
-            assert attempt == m.attempts
+            assert started == (m.attempts, m.series)
         else:  # running, completed, dead: never a second running attempt
-            assert attempt is None
+            assert started is None
 
     @rule(key=keys, ok=st.booleans(), retry=st.booleans(), stale_by=st.integers(0, 2))
     def finish(self, key: tuple[str, str, str], ok: bool, retry: bool, stale_by: int) -> None:
