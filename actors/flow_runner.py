@@ -344,9 +344,15 @@ class FlowRunner:
             opening = self._async_clients[loop] = loop.create_task(get_client().__aenter__())
         return AsyncClientContext.model_construct(client=await opening)
 
-    async def aclose(self) -> None:
-        """Stop the pool (running sync flows finish in the background) and close clients."""
+    async def aclose(self, flush_timeout: float = 10.0) -> None:
+        """Stop the pool (running sync flows finish in the background) and close clients.
+
+        Tracked runs' logs and events are sent in the background in batches: flush them
+        here, while the server still runs, or interpreter exit waits on them with retries.
+        """
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.tracking == "api":
+            await _flush_prefect_services(flush_timeout)
         client, self._sync_client = self._sync_client, None
         if client is not None:
             await asyncio.to_thread(client.__exit__, None, None, None)
@@ -354,6 +360,18 @@ class FlowRunner:
         opening = self._async_clients.pop(loop, None)
         if opening is not None:
             await (await opening).__aexit__(None, None, None)
+
+
+async def _flush_prefect_services(timeout: float) -> None:
+    """Send what Prefect's log and event workers hold (they restart on next use)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            drained = service.drain_all(timeout=timeout, at_exit=False)
+            if inspect.isawaitable(drained):
+                await drained
 
 
 def _flow_run_id(state: Any) -> str | None:

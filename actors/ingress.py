@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -249,6 +250,8 @@ class Ingress:
                 return _error(503, f"cluster busy, retry: {exc}", **{"Retry-After": "1"})
             except KeyError as exc:
                 return _error(404, str(exc.args[0]) if exc.args else "not found")
+            except ValueError as exc:  # a bad body or query (JSONDecodeError is one)
+                return _error(400, f"bad request: {exc}")
 
         return guarded
 
@@ -267,8 +270,11 @@ class Ingress:
         return {"dead": dead}
 
     async def _replay(self, request: Request) -> Any:
-        ids = (await request.json() or {}).get("ids") or None
-        return {"replayed": await self.control.replay(ids)}
+        body = await request.body()
+        doc = json.loads(body) if body.strip() else {}  # no body: replay every dead letter
+        if not isinstance(doc, dict):
+            raise ValueError('body must be a JSON object like {"ids": [...]}')
+        return {"replayed": await self.control.replay(doc.get("ids") or None)}
 
     async def _latencies(self, request: Request) -> Any:
         clear = request.query_params.get("clear") == "1"

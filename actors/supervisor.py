@@ -122,7 +122,12 @@ class Supervisor:
             self.host_specs.setdefault(dead, specs)
             return
         target = min(live, key=lambda n: len(self.host_specs.get(n, [])))
-        await self.hosts[target].add_clocks(specs)
+        try:
+            await self.hosts[target].add_clocks(specs)
+        except Exception as exc:  # keep the clocks where they were; retry on the next restart
+            self.host_specs.setdefault(dead, specs)
+            log.error("re-homing clocks of %s on %s failed: %s", dead, target, exc)
+            return
         self.host_specs.setdefault(target, []).extend(specs)
         log.warning("re-homed %d clocks of %s on %s", len(specs), dead, target)
 

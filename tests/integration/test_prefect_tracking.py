@@ -11,7 +11,7 @@ from uuid import UUID
 
 import prefect
 import pytest
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import StateType
 
 from actors.flow_runner import FlowRunner
@@ -54,8 +54,9 @@ def make_event(**over: Any) -> dict[str, Any]:
 
 async def read_run(api_url: str, run_id: str | None) -> Any:
     assert run_id is not None
-    async with get_client() as client:
-        assert str(client.api_url).rstrip("/") == api_url
+    # A client for this server explicitly: PREFECT_API_URL set after `import prefect` is not
+    # seen by get_client(), which would start a temporary server instead.
+    async with PrefectClient(api_url) as client:
         return await client.read_flow_run(UUID(run_id))
 
 

@@ -275,15 +275,25 @@ async def test_replayed_event_that_succeeded_is_not_rerun_by_later_duplicates(
     assert calls() == {"e1": [1, 1], "e2": [1]}
 
 
+async def test_replayed_run_reaches_the_worker_as_a_new_series(tmp_path: Path) -> None:
+    worker = RecordingWorker(fail_first=1)
+    async with running(make_coordinator(tmp_path / "ledger.db", [worker], retries=0)) as coord:
+        await coord.submit([make_event("e1")])
+        await wait_for(all_in_state(coord, 1, "dead"))
+        await coord.replay(["e1"])
+        await wait_for(lambda: len(worker.calls) == 2)
+        await wait_for(all_in_state(coord, 1, "dead"))
+    assert worker.calls == [("e1", 1), ("e1", 1)]
+    assert worker.series == [0, 1]
+
+
 async def test_replay_without_ids_replays_every_dead_letter(tmp_path: Path) -> None:
     flows_unit.BROKEN.update({"a", "b"})
     worker = flow_worker(flows_unit.breakable_flow)
     async with running(make_coordinator(tmp_path / "ledger.db", [worker], retries=0)) as coord:
         await coord.submit([make_event("a"), make_event("b"), make_event("ok")])
         await wait_for(lambda: len(CALLS) == 3)
-        await wait_for(
-            lambda: _states_are(coord, {"a": "dead", "b": "dead", "ok": "completed"})
-        )
+        await wait_for(lambda: _states_are(coord, {"a": "dead", "b": "dead", "ok": "completed"}))
         flows_unit.BROKEN.clear()
         assert sorted(await coord.replay()) == ["acme/ingest/a", "acme/ingest/b"]
         await wait_for(all_in_state(coord, 3, "completed"))

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from helpers import make_event
 
 from actors.errors import LedgerError
 from actors.ledger import (
@@ -16,7 +17,6 @@ from actors.ledger import (
     ledger_path,
     open_ledger,
 )
-from helpers import make_event
 
 KEY = ("acme", "ingest", "e1")
 

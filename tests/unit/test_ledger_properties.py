@@ -162,7 +162,8 @@ class LedgerMachine(RuleBasedStateMachine):
     def finish(self, key: tuple[str, str, str], ok: bool, retry: bool, stale_by: int) -> None:
         m = self.model[key]
         attempt = m.attempts - stale_by
-        result = Finish(key, attempt, ok=ok, error=None if ok else "x", retry_at=1.0 if retry else None)
+        retry_at = 1.0 if retry else None
+        result = Finish(key, attempt, ok=ok, error=None if ok else "x", retry_at=retry_at)
         (fresh,) = self.run(self.ledger.finish([result]))
         if m.state == "running" and stale_by == 0:
             assert fresh
