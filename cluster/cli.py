@@ -23,7 +23,8 @@ from cluster.runtime import LocalCluster, pid_alive, read_state
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: list and replay.")
 app.add_typer(dlq_app, name="dlq")
-out = Console()
+# Piped output keeps whole rows instead of squeezing tables into 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[
@@ -176,15 +177,8 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         "flow",
         "state",
         "clocks",
-        "seen",
-        "acc",
-        "dup",
-        "rej",
-        "pend",
-        "run",
-        "done",
-        "fail",
-        "dead",
+        "events seen/acc/dup/rej",
+        "runs pend/run/done/fail/dead",
         "last event",
     )
     for f in doc["flows"]:
@@ -195,8 +189,10 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             f"{f['tenant']}/{f['flow']}",
             f["state"],
             clocks,
-            *(str(e.get(k, 0)) for k in ("seen", "accepted", "duplicate", "rejected")),
-            *(str(r.get(k, 0)) for k in ("pending", "running", "completed", "failed", "dead")),
+            "/".join(str(e.get(k, 0)) for k in ("seen", "accepted", "duplicate", "rejected")),
+            "/".join(
+                str(r.get(k, 0)) for k in ("pending", "running", "completed", "failed", "dead")
+            ),
             "-" if age is None else f"{age:.1f}s ago",
         )
     out.print(table)

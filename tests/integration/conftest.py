@@ -18,7 +18,7 @@ import yaml
 from cluster.config import load_config
 from cluster.runtime import LocalCluster
 
-FLOWS = '''
+FLOWS = """
 import json, os, time
 from pathlib import Path
 from prefect import flow
@@ -57,7 +57,7 @@ def flaky(event: dict | None = None):
     _record("flaky", event)
     if current_attempt() < int((event or {{}}).get("payload", {{}}).get("succeed_on", 99)):
         raise RuntimeError("flaky failure on attempt %s" % current_attempt())
-'''
+"""
 
 
 @pytest.fixture(scope="session")
@@ -137,9 +137,7 @@ class ClusterUnderTest:
 
 
 @pytest.fixture
-def make_cluster(
-    ray_session: None, tmp_path: Path
-) -> Iterator[Callable[..., ClusterUnderTest]]:
+def make_cluster(ray_session: None, tmp_path: Path) -> Iterator[Callable[..., ClusterUnderTest]]:
     started: list[LocalCluster] = []
 
     def make(flows: list[dict[str, Any]], **cluster_opts: Any) -> ClusterUnderTest:

@@ -29,8 +29,13 @@ def test_s3_object_becomes_exactly_one_run_with_object_details(make_cluster, mot
             {
                 "name": "ingest",
                 "clocks": [
-                    {"type": "s3", "bucket": bucket, "prefix": "in/", "endpoint_url": moto_endpoint,
-                     "poll_interval": 0.2}
+                    {
+                        "type": "s3",
+                        "bucket": bucket,
+                        "prefix": "in/",
+                        "endpoint_url": moto_endpoint,
+                        "poll_interval": 0.2,
+                    }
                 ],
             }
         ]
@@ -58,8 +63,12 @@ def test_same_s3_object_seen_again_after_cursor_loss_and_host_kill_still_runs_on
             {
                 "name": "ingest",
                 "clocks": [
-                    {"type": "s3", "bucket": bucket, "endpoint_url": moto_endpoint,
-                     "poll_interval": 0.2}
+                    {
+                        "type": "s3",
+                        "bucket": bucket,
+                        "endpoint_url": moto_endpoint,
+                        "poll_interval": 0.2,
+                    }
                 ],
             }
         ]
@@ -111,8 +120,12 @@ def test_file_in_watched_directory_runs_once_and_bad_files_are_counted(make_clus
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     c = make_cluster(
-        [{"name": "ingest", "clocks": [{"type": "directory", "path": "./inbox",
-                                        "pattern": "*.json"}]}]
+        [
+            {
+                "name": "ingest",
+                "clocks": [{"type": "directory", "path": "./inbox", "pattern": "*.json"}],
+            }
+        ]
     )
     (inbox / "order-1.json").write_text('{"order": 1}')
     wait_until(lambda: c.completed() == 1, what="the file's run")
@@ -135,8 +148,11 @@ def test_interval_ticks_and_webhook_events_run_the_same_flow(make_cluster):
         [{"name": "ingest", "clocks": [{"type": "interval", "every": "1s"}, {"type": "webhook"}]}]
     )
     assert c.post("ingest", {"id": "manual", "payload": {"x": 1}}).status_code == 202
-    wait_until(lambda: len([r for r in c.log() if r["event"]["type"] == "tick"]) >= 2,
-               timeout=30, what="two ticks")
+    wait_until(
+        lambda: len([r for r in c.log() if r["event"]["type"] == "tick"]) >= 2,
+        timeout=30,
+        what="two ticks",
+    )
     ticks = [r["event"] for r in c.log() if r["event"]["type"] == "tick"]
     for tick in ticks:
         scheduled = tick["payload"]["scheduled"]
@@ -149,8 +165,10 @@ def test_pause_holds_runs_and_resume_runs_every_held_event_while_other_flows_kee
     make_cluster,
 ):
     c = make_cluster(
-        [{"name": "ingest", "clocks": [{"type": "webhook"}]},
-         {"name": "other", "clocks": [{"type": "webhook"}]}]
+        [
+            {"name": "ingest", "clocks": [{"type": "webhook"}]},
+            {"name": "other", "clocks": [{"type": "webhook"}]},
+        ]
     )
     c.control("POST", "/v1/flows/default/ingest/pause")
     assert c.status()["state"] == "paused"
@@ -183,8 +201,19 @@ def test_listener_host_killed_gets_its_clocks_back_and_loses_nothing(make_cluste
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     c = make_cluster(
-        [{"name": "ingest", "clocks": [{"type": "directory", "path": "./inbox",
-                                        "pattern": "*.json", "poll_interval": 0.2}]}]
+        [
+            {
+                "name": "ingest",
+                "clocks": [
+                    {
+                        "type": "directory",
+                        "path": "./inbox",
+                        "pattern": "*.json",
+                        "poll_interval": 0.2,
+                    }
+                ],
+            }
+        ]
     )
     for i in range(20):
         (inbox / f"a-{i}.json").write_text(json.dumps({"i": i}))

@@ -7,8 +7,10 @@ import itertools
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from helpers import make_event
@@ -23,8 +25,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from actors.event import Event
 from actors.ledger import Finish, SQLiteLedger
 
+T = TypeVar("T")
 FLOWS = [("acme", "ingest"), ("acme", "other"), ("beta", "ingest")]
 IDS = st.sampled_from(["a", "b", "c", "d", "e"])
 CLAIM = st.tuples(st.sampled_from(FLOWS), IDS)
@@ -34,7 +38,7 @@ FAST = settings(
 )
 
 
-def events_of(batch: list[tuple[tuple[str, str], str]]) -> list:
+def events_of(batch: list[tuple[tuple[str, str], str]]) -> list[Event]:
     return [make_event(event_id, tenant, flow) for (tenant, flow), event_id in batch]
 
 
@@ -125,7 +129,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.model: dict[tuple[str, str, str], Model] = {}
         self.workers = itertools.count()
 
-    def run(self, coro):  # type: ignore[no-untyped-def]
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
 
     def teardown(self) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Named, RecordingWorker, make_coordinator, running, wait_for
+from helpers import Named, RecordingWorker, make_coordinator, make_event, running, wait_for
 
 import actors.supervisor as supervisor_module
 from actors.clocks import ClockSpec
@@ -342,8 +342,6 @@ async def test_status_joins_coordinator_counts_with_host_clock_states(
 async def test_status_shows_events_and_age_of_the_last_one(
     supervise: Any, coord: Coordinator
 ) -> None:
-    from helpers import make_event
-
     s = supervise(coordinator=Named("coordinator", coord))
     await coord.submit([make_event("e1", flow="ok"), make_event("e1", flow="ok")])
     (ok,) = [f for f in (await s.status())["flows"] if f["flow"] == "ok"]

@@ -1,0 +1,140 @@
+"""The CLI as a user drives it: ``up --detach`` → status/emit/runs/pause/resume/dlq → ``down``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.integration.conftest import wait_until
+
+pytestmark = pytest.mark.ray
+
+FLOW = textwrap.dedent(
+    """
+    from prefect import flow
+
+    @flow
+    def ingest(event=None):
+        if (event or {}).get("payload", {}).get("fail"):
+            raise ValueError("asked to fail")
+        return "ok"
+    """
+)
+
+
+def listeners(
+    *args: str, cwd: Path, check: bool = True, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LISTENERS_CONFIG": str(cwd / "listeners.yaml")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"listeners {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+def as_json(proc: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(proc.stdout)
+
+
+def test_detached_cluster_is_driven_through_the_cli_and_stopped_by_down(tmp_path: Path):
+    (tmp_path / "flows.py").write_text(FLOW)
+    config = {
+        "cluster": {"prefect": False, "ingress": {"port": 0}},
+        "flows": [
+            {
+                "name": "ingest",
+                "entrypoint": "flows.py:ingest",
+                "retries": 0,
+                "clocks": [{"type": "webhook"}, {"type": "interval", "every": "1h"}],
+            }
+        ],
+    }
+    (tmp_path / "listeners.yaml").write_text(yaml.safe_dump(config))
+    up = listeners("up", "listeners.yaml", "--detach", cwd=tmp_path)
+    assert "listening" in up.stdout
+    try:
+        status = as_json(listeners("status", "--json", cwd=tmp_path))
+        (flow,) = status["flows"]
+        assert flow["state"] == "listening"
+        assert sorted(c["type"] for c in flow["clocks"]) == ["interval", "webhook"]
+        assert all(c["state"] == "listening" for c in flow["clocks"])
+
+        assert (
+            "accepted"
+            in listeners(
+                "emit", "ingest", "--payload", '{"a": 1}', "--id", "one", cwd=tmp_path
+            ).stdout
+        )
+        assert (
+            "duplicate"
+            in listeners(
+                "emit", "default/ingest", "--payload", '{"a": 1}', "--id", "one", cwd=tmp_path
+            ).stdout
+        )
+        bad = listeners("emit", "ingest", "--payload", "[1]", cwd=tmp_path, check=False)
+        assert bad.returncode != 0 and "400" in bad.stderr
+
+        listeners("pause", "ingest", cwd=tmp_path)
+        listeners("emit", "ingest", "--payload", '{"a": 2}', "--id", "two", cwd=tmp_path)
+        paused = as_json(listeners("status", "--json", cwd=tmp_path))["flows"][0]
+        assert paused["state"] == "paused"
+        listeners("resume", "ingest", cwd=tmp_path)
+        listeners("emit", "ingest", "--payload", '{"fail": true}', "--id", "bad", cwd=tmp_path)
+
+        def runs() -> dict[str, str]:
+            doc = as_json(listeners("runs", "--json", cwd=tmp_path))
+            return {r["event_id"]: r["state"] for r in doc["runs"]}
+
+        wait_until(
+            lambda: runs() == {"one": "completed", "two": "completed", "bad": "dead"},
+            timeout=60,
+            what="runs to settle",
+        )
+        dead = as_json(listeners("dlq", "list", "--json", cwd=tmp_path))["dead"]
+        assert [(d["event_id"], d["attempts"]) for d in dead] == [("bad", 1)]
+        assert "asked to fail" in dead[0]["error"]
+        assert "ingest" in listeners("status", cwd=tmp_path).stdout  # the human table
+    finally:
+        down = listeners("down", cwd=tmp_path, check=False)
+    assert down.returncode == 0, down.stderr
+    after = as_json(listeners("runs", "--json", cwd=tmp_path))
+    assert sorted(r["event_id"] for r in after["runs"]) == ["bad", "one", "two"]
+    status_after = as_json(listeners("status", "--json", cwd=tmp_path))
+    assert status_after["flows"][0]["runs"]["completed"] == 2
+    gone = listeners("emit", "ingest", "--payload", "{}", cwd=tmp_path, check=False)
+    assert gone.returncode != 0 and "no cluster is running" in gone.stderr
+
+
+def test_up_detach_fails_with_the_reason_when_a_clock_cannot_listen(tmp_path: Path):
+    (tmp_path / "flows.py").write_text(FLOW)
+    config = {
+        "cluster": {"prefect": "off", "ingress": {"port": 0}},
+        "flows": [
+            {
+                "name": "ingest",
+                "entrypoint": "flows.py:ingest",
+                "clocks": [{"type": "directory", "path": "./missing-dir"}],
+            }
+        ],
+    }
+    (tmp_path / "listeners.yaml").write_text(yaml.safe_dump(config))
+    up = listeners("up", "listeners.yaml", "--detach", "--timeout", "15", cwd=tmp_path, check=False)
+    assert up.returncode != 0
+    assert "missing-dir" in up.stderr
+    state = json.loads((tmp_path / ".listeners" / "cluster.json").read_text())
+    assert state["state"] == "failed"
