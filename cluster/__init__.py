@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from actors.event import Event
 
 if TYPE_CHECKING:
-    from cluster.listen import listen
+    from cluster.api import listen
 
 __all__ = ["Event", "listen"]
 
@@ -15,7 +15,7 @@ __all__ = ["Event", "listen"]
 def __getattr__(name: str) -> Any:
     # ``listen`` pulls in Ray; import it only when asked for.
     if name == "listen":
-        from cluster.listen import listen
+        from cluster.api import listen
 
         return listen
     raise AttributeError(name)

@@ -69,13 +69,15 @@ def listen(
     if not block:
         return cluster
     stop = stop_event or threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if main_thread else None
     try:
         while not stop.wait(0.2):
             pass
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         cluster.stop()
     return None
