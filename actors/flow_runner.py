@@ -342,7 +342,11 @@ class FlowRunner:
         opening = self._async_clients.get(loop)
         if opening is None:  # one client per loop, even when runs start together
             opening = self._async_clients[loop] = loop.create_task(get_client().__aenter__())
-        return AsyncClientContext.model_construct(client=await opening)
+        try:
+            return AsyncClientContext.model_construct(client=await opening)
+        except Exception:
+            self._async_clients.pop(loop, None)  # try a new client next time
+            raise
 
     async def aclose(self, flush_timeout: float = 10.0) -> None:
         """Stop the pool (running sync flows finish in the background) and close clients.
@@ -389,9 +393,4 @@ def _state_exception_sync(state: Any) -> BaseException:
 
 
 async def _state_exception(state: Any) -> BaseException:
-    from prefect.states import aget_state_exception
-
-    try:
-        return await aget_state_exception(state)
-    except Exception as exc:
-        return RuntimeError(f"flow run ended {state.type.value}: {state.message or exc}")
+    return await asyncio.to_thread(_state_exception_sync, state)

@@ -123,6 +123,15 @@ class FlowWorker:
         self.runs_started += 1
         return await runner.run(event, attempt)
 
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Wait for runs in flight, then flush and close every runner's Prefect clients (the
+        Prefect server must still be up: logs and events are sent in background batches)."""
+        if self._inflight:
+            await asyncio.wait(list(self._inflight.values()), timeout=timeout)
+        for runner in self._runners.values():
+            await runner.aclose()
+        self._runners.clear()
+
     async def ping(self) -> dict[str, Any]:
         return {
             "name": f"worker-{self.index}",

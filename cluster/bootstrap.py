@@ -207,6 +207,9 @@ async def stop_deployment(d: Deployment, drain_timeout: float = 30.0) -> None:
     await asyncio.gather(*steps, return_exceptions=True)
     with contextlib.suppress(Exception):
         await d.coordinator.call("stop", drain_timeout, timeout=drain_timeout + 5)
+    await asyncio.gather(
+        *(w.call("stop", 10.0, timeout=20.0) for w in d.workers), return_exceptions=True
+    )
     kill_namespace_actors(d.namespace, [h.actor for h in d.all_handles()])
 
 

@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 STATE_FILE = "cluster.json"
 
 
+def prefect_template_db() -> Path:
+    """A migrated, empty Prefect database shared by fresh state dirs (saves ~3 s a start)."""
+    import prefect
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "listener-cluster" / f"prefect-{prefect.__version__}.db"
+
+
 class StartError(ListenerError):
     """The cluster could not start; nothing of it is left running."""
 
@@ -140,7 +148,7 @@ class LocalCluster:
         if mode == "embedded":
             from cluster.prefect_server import PrefectServer
 
-            self.prefect = PrefectServer(self.state_dir)
+            self.prefect = PrefectServer(self.state_dir, template_db=prefect_template_db())
             self.prefect.start()
             self.prefect_api_url = self.prefect.api_url
         else:

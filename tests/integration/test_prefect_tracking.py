@@ -91,15 +91,22 @@ async def test_tracked_run_is_on_the_server(api_url, flow) -> None:
     assert second.name == f"ingest-{event['id']}-try2" and "attempt:2" in second.tags
 
 
-async def test_tracked_failure_has_error_and_failed_run(api_url) -> None:
-    runner = FlowRunner(flows.failing_flow, tracking="api")
+@pytest.mark.parametrize(
+    ("flow", "error"),
+    [
+        (flows.failing_flow, "ValueError: boom for {id}"),
+        (flows.async_failing_flow, "KeyError: 'missing'"),
+    ],
+)
+async def test_tracked_failure_has_error_and_failed_run(api_url, flow, error) -> None:
+    runner = FlowRunner(flow, tracking="api")
     event = make_event()
     try:
         outcome = await runner.run(event, attempt=1)
     finally:
         await runner.aclose()
     assert not outcome.ok
-    assert outcome.error == f"ValueError: boom for {event['id']}"
+    assert outcome.error == error.format(id=event["id"])
     assert outcome.traceback is not None and "failing_flow" in outcome.traceback
     run = await read_run(api_url, outcome.prefect_flow_run_id)
     assert run.state_type == StateType.FAILED
@@ -116,3 +123,17 @@ async def test_tracked_runs_have_no_heartbeat_stall_and_tasks_work(api_url) -> N
     # The ~1 s heartbeat-join stall would make every sync run last >= ~0.9 s.
     durations = sorted(o.finished_at - o.started_at for o in outcomes)
     assert durations[0] < 0.8, durations
+
+
+async def test_long_and_odd_event_ids(api_url) -> None:
+    runner = FlowRunner(flows.custom_param_flow, event_parameter="record", tracking="api")
+    event = make_event(id="s3://landing/ïncoming/" + "k" * 960 + "@etag/%20", flow="odd")
+    try:
+        outcome = await runner.run(event, attempt=1)
+    finally:
+        await runner.aclose()
+    assert outcome.ok, outcome.error
+    run = await read_run(api_url, outcome.prefect_flow_run_id)
+    assert run.name.startswith("odd-s3://landing/ïncoming/") and run.name.endswith("@etag/%20")
+    assert f"event:{event['id']}" in run.tags
+    assert run.parameters["record"] == event

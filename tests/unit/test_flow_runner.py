@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -182,3 +186,20 @@ def test_run_names_and_tags() -> None:
         f"event:{event['id']}",
         "attempt:2",
     ]
+
+
+def test_disable_ephemeral_server_for_process_backstop() -> None:
+    # Process-global settings: check it in a child process so this one is untouched.
+    code = (
+        "from prefect.settings import get_current_settings as s\n"
+        "from actors.flow_runner import disable_ephemeral_server_for_process as d\n"
+        "assert s().server.ephemeral.enabled\n"
+        "d()\n"
+        "assert not s().server.ephemeral.enabled\n"
+    )
+    env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_ENABLED": "true"}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
