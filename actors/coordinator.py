@@ -159,7 +159,7 @@ class Coordinator:
             else:
                 claimable.append(i)
                 wanted[ev.tenant] = wanted.get(ev.tenant, 0) + 1
-        granted = {t: self._buckets[t].take(n) for t, n in wanted.items()}
+        granted = {t: self._bucket(t).take(n) for t, n in wanted.items()}
         to_claim: list[int] = []
         for i in claimable:
             tenant = events[i].tenant
@@ -177,6 +177,12 @@ class Coordinator:
                 self._queues[events[i].key[:2]].append(events[i])
         self._pump()
         return outcomes
+
+    def _bucket(self, tenant: str) -> TokenBucket:
+        bucket = self._buckets.get(tenant)
+        if bucket is None:  # a tenant without a policy gets the default quota
+            bucket = self._buckets[tenant] = TokenBucket(TenantPolicy(tenant).max_events_per_second)
+        return bucket
 
     # -- dispatch -----------------------------------------------------------------------
     def _pump(self) -> None:

@@ -49,12 +49,16 @@ class ClockSlot:
     last_event_at: float | None = None
 
     def describe(self) -> dict[str, Any]:
-        if self.failed:
+        clock = self.clock
+        if clock is not None and clock.state != "starting":
+            # A running clock speaks for itself, even after earlier crashes.
+            state, error = clock.state, clock.error
+        elif self.failed:
             state, error = "failed", self.last_error
-        elif self.clock is None:
-            state, error = "starting", self.last_error
+        elif self.last_error is not None:
+            state, error = "degraded", self.last_error  # crashed; restarting with backoff
         else:
-            state, error = self.clock.state, self.clock.error or self.last_error
+            state, error = "starting", None
         return {
             "tenant": self.spec.tenant,
             "flow": self.spec.flow,
