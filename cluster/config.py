@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from actors.clocks import CLOCK_TYPES, ClockSpec
+from actors.clocks import CLOCK_TYPES, ClockSpec, MissingDependency
 from actors.clocks.time import parse_duration
 from actors.entrypoint import resolve_entrypoint
 from actors.errors import FlowLoadError, ListenerError, UnknownFlowError
@@ -153,7 +153,10 @@ class ClockConfig(_Model):
 
     @model_validator(mode="after")
     def _check_against_clock(self, info: ValidationInfo) -> ClockConfig:
-        cls = CLOCK_TYPES.get(self.type)
+        try:
+            cls = CLOCK_TYPES.get(self.type)
+        except MissingDependency as exc:
+            raise problems_error("clock", [(("type",), str(exc))]) from None
         if cls is None:
             known = ", ".join(sorted(CLOCK_TYPES))
             raise problems_error(
