@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 import traceback
@@ -138,6 +139,7 @@ class Coordinator:
         return {
             "name": "coordinator",
             "time": time.time(),
+            "pid": os.getpid(),
             "inflight": len(self._inflight),
             "queued": sum(len(q) for q in self._queues.values()),
         }

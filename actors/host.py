@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,7 @@ class ListenerHost:
         return {
             "name": self.host_id,
             "time": time.time(),
+            "pid": os.getpid(),
             "clocks": [s.describe() for s in self._slots.values()],
             "outbox": self._outbox.qsize() if self._outbox else 0,
         }

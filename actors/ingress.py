@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -133,7 +134,13 @@ class Ingress:
             self._server = None
 
     async def ping(self) -> dict[str, Any]:
-        return {"name": "ingress", "time": time.time(), "port": self.port, **self.counters}
+        return {
+            "name": "ingress",
+            "time": time.time(),
+            "pid": os.getpid(),
+            "port": self.port,
+            **self.counters,
+        }
 
     # -- events -------------------------------------------------------------------------
     def _count(self, key: str) -> None:

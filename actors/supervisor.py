@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -78,7 +79,7 @@ class Supervisor:
 
     async def ping(self) -> dict[str, Any]:
         await self.start()
-        return {"name": "supervisor", "time": time.time()}
+        return {"name": "supervisor", "time": time.time(), "pid": os.getpid()}
 
     async def _loop(self) -> None:
         while True:

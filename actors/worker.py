@@ -136,6 +136,7 @@ class FlowWorker:
         return {
             "name": f"worker-{self.index}",
             "time": time.time(),
+            "pid": os.getpid(),
             "inflight": len(self._inflight),
             "runs_started": self.runs_started,
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,18 @@ def _spawn(
     return recipe.spawn(), recipe
 
 
+FORWARDED_ENV_PREFIXES = ("AWS_",)
+
+
+def source_env(specs: list[ClockSpec]) -> dict[str, str]:
+    """Environment the hosts' clocks read credentials from, forwarded from the driver:
+    boto3's ``AWS_*`` variables and every variable a clock names in a ``*_env`` option."""
+    wanted = {str(v) for spec in specs for k, v in spec.options.items() if k.endswith("_env")}
+    return {
+        k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in wanted
+    }
+
+
 def flow_targets(config: ClusterConfig, flow_objs: dict[str, Any] | None) -> list[FlowTarget]:
     objs = flow_objs or {}
     return [
@@ -139,11 +152,21 @@ def deploy(
     host_coord = RayCoordinatorHandle("coordinator", coord_actor, HOST_SUBMIT_TIMEOUT)
     host_specs: dict[str, list[ClockSpec]] = {}
     hosts = []
-    for i, group in enumerate(partition(config.clock_specs(), c.clocks_per_host)):
+    specs = config.clock_specs()
+    host_env = {"env_vars": source_env(specs)}
+    for i, group in enumerate(partition(specs, c.clocks_per_host)):
         name = f"host-{i}"
         host_specs[name] = group
         actor, recipe = _spawn(
-            HostActor, name, ns, name, group, state_dir, host_coord, max_task_retries=-1
+            HostActor,
+            name,
+            ns,
+            name,
+            group,
+            state_dir,
+            host_coord,
+            max_task_retries=-1,
+            runtime_env=host_env,
         )
         hosts.append(RayHandle(name, actor, 30.0, recipe))
     port = c.ingress.port or free_port(c.ingress.host)

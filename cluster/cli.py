@@ -18,7 +18,7 @@ from rich.table import Table
 from actors.errors import ListenerError
 from cluster.client import Client, ClusterDown
 from cluster.config import ClusterConfig, load_config
-from cluster.runtime import LocalCluster, pid_alive, read_state
+from cluster.runtime import LocalCluster, pid_alive, read_state, reap_crashed_driver
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: list and replay.")
@@ -142,6 +142,7 @@ def down(
     state = read_state(cfg.state_path) or {}
     pid = int(state.get("pid", 0))
     if not pid or state.get("state") in ("stopped", "failed") or not pid_alive(pid):
+        reap_crashed_driver(state)
         out.print("no cluster running")
         return
     os.kill(pid, signal.SIGTERM)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def reap_crashed_driver(state: dict[str, Any]) -> None:
+    """A driver killed with -9 leaves Ray helper processes in its process group; when the
+    driver led its own group (``up --detach``), kill what is left of that group."""
+    pid, pgid = int(state.get("pid", 0)), int(state.get("pgid", -1))
+    if pid and pgid == pid and not pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
 class LocalCluster:
     """One cluster driven from this process. Use as a context manager or call start/stop."""
 
@@ -117,16 +127,15 @@ class LocalCluster:
 
     def _refuse_if_running(self) -> None:
         state = read_state(self.state_dir)
-        if (
-            state
-            and state.get("state") in ("starting", "listening")
-            and state.get("pid") != os.getpid()
-            and pid_alive(int(state.get("pid", 0)))
-        ):
+        if not state or state.get("state") not in ("starting", "listening"):
+            return
+        pid = int(state.get("pid", 0))
+        if pid != os.getpid() and pid_alive(pid):
             raise StartError(
-                f"a cluster already runs from {self.state_dir} (pid {state['pid']}); "
+                f"a cluster already runs from {self.state_dir} (pid {pid}); "
                 "stop it with `listeners down`"
             )
+        reap_crashed_driver(state)
 
     def _init_ray(self) -> None:
         if ray.is_initialized():
@@ -221,6 +230,7 @@ class LocalCluster:
                 "state": state,
                 "error": error,
                 "pid": os.getpid(),
+                "pgid": os.getpgid(0),
                 "namespace": self.namespace,
                 "config": self.config.source,
                 "ingress_url": self.ingress_url,
