@@ -184,6 +184,10 @@ async def test_a_row_over_max_bytes_is_rejected_as_too_large(
 async def test_a_late_commit_below_the_cursor_is_still_delivered(
     table: PostgresDriver, clock_for: Any
 ) -> None:
+    h = await clock_for(body_column="body", channel=table.name)
+    await table.publish({"n": 0})
+    await h.take(1)
+    await h.ack_all()
     late = await asyncpg.connect(dsn())
     try:
         tx = late.transaction()
@@ -191,8 +195,7 @@ async def test_a_late_commit_below_the_cursor_is_still_delivered(
         late_id = await late.fetchval(
             f"""INSERT INTO {table.name} (body) VALUES ('{{"n": 1}}') RETURNING id"""
         )
-        await table.publish({"n": 2})
-        h = await clock_for(body_column="body", channel=table.name)
+        await table.publish({"n": 2})  # a higher id, committed first
         first = await h.take(1)
         assert [e.payload["body"] for e in first.events] == [{"n": 2}]
         await h.ack_all()

@@ -185,7 +185,7 @@ class TestSqsContract(ClockContract):
         try:
             again = await h2.take(3, timeout=self.redelivery_timeout)
             assert {e.id for e in again.events} == {e.id for e in first.events}
-            assert [e.payload["receive_count"] for e in again.events] == [2, 2, 2]
+            assert all(e.payload["receive_count"] >= 2 for e in again.events)  # received again
         finally:
             await h2.stop()
 

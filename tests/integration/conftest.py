@@ -53,6 +53,13 @@ def slow(event: dict | None = None):
 
 
 @flow
+def unserialisable(event: dict | None = None):
+    _record("unserialisable", event)
+    import threading
+    return threading.Lock()
+
+
+@flow
 def flaky(event: dict | None = None):
     _record("flaky", event)
     if current_attempt() < int((event or {{}}).get("payload", {{}}).get("succeed_on", 99)):
@@ -140,7 +147,9 @@ class ClusterUnderTest:
 def make_cluster(ray_session: None, tmp_path: Path) -> Iterator[Callable[..., ClusterUnderTest]]:
     started: list[LocalCluster] = []
 
-    def make(flows: list[dict[str, Any]], **cluster_opts: Any) -> ClusterUnderTest:
+    def make(
+        flows: list[dict[str, Any]], check_entrypoints: bool = True, **cluster_opts: Any
+    ) -> ClusterUnderTest:
         (tmp_path / "flows.py").write_text(
             textwrap.dedent(FLOWS.format(log=str(tmp_path / "ran.jsonl")))
         )
@@ -149,7 +158,8 @@ def make_cluster(ray_session: None, tmp_path: Path) -> Iterator[Callable[..., Cl
         for f in flows:
             f.setdefault("entrypoint", f"flows.py:{f['name']}")
         (tmp_path / "listeners.yaml").write_text(yaml.safe_dump({"cluster": opts, "flows": flows}))
-        cluster = LocalCluster(load_config(tmp_path / "listeners.yaml")).start(timeout=120)
+        config = load_config(tmp_path / "listeners.yaml", check_entrypoints=check_entrypoints)
+        cluster = LocalCluster(config).start(timeout=120)
         started.append(cluster)
         return ClusterUnderTest(tmp_path, cluster)
 
