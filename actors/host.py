@@ -22,6 +22,7 @@ from typing import Any
 from actors.clocks import Batch, ClockSpec, EventClock, build_clock
 from actors.errors import Unavailable
 from actors.event import Event
+from actors.filters import EventFilter
 from actors.handles import CoordinatorHandle, SourceRejection
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ class ClockSlot:
     last_error: str | None = None
     failed: bool = False
     events: int = 0
+    filtered: int = 0
     last_event_at: float | None = None
+    filter: EventFilter | None = None
 
     def describe(self) -> dict[str, Any]:
         clock = self.clock
@@ -68,6 +71,7 @@ class ClockSlot:
             "state": state,
             "error": error,
             "events": self.events,
+            "filtered": self.filtered,
             "last_event_at": self.last_event_at,
         }
 
@@ -95,7 +99,7 @@ class ListenerHost:
             self._add(spec)
 
     def _add(self, spec: ClockSpec) -> None:
-        slot = ClockSlot(spec)
+        slot = ClockSlot(spec, filter=EventFilter.from_options(spec.options))
         self._slots[spec.key] = slot
         slot.task = asyncio.create_task(self._supervise(slot), name=spec.key)
 
@@ -170,6 +174,10 @@ class ListenerHost:
         rejections = [
             SourceRejection(spec.tenant, spec.flow, clock.source, r) for r in batch.rejections
         ]
+        if slot.filter is not None:
+            kept = [e for e in events if slot.filter.matches(e.to_dict())]
+            slot.filtered += len(events) - len(kept)
+            events = kept
         while events or rejections:
             outcomes = await self._push(events, rejections)
             rejections = []

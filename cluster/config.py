@@ -27,9 +27,11 @@ from pydantic import (
 )
 
 from actors.clocks import CLOCK_TYPES, ClockSpec, MissingDependency
+from actors.clocks.base import GENERIC_KEYS
 from actors.clocks.time import parse_duration
 from actors.entrypoint import resolve_entrypoint
 from actors.errors import FlowLoadError, ListenerError, UnknownFlowError
+from actors.filters import EventFilter
 from cluster.config_checks import (
     DEFAULT_TENANT,
     ConfigError,
@@ -162,12 +164,13 @@ class ClockConfig(_Model):
             raise problems_error(
                 "clock", [(("type",), f"unknown clock type {self.type!r}; known: {known}")]
             )
-        unknown = [key for key in self.options if key not in cls.options]
+        unknown = [key for key in self.options if key not in cls.options | GENERIC_KEYS]
         if unknown:
-            accepted = ", ".join(sorted({"type", "name", *cls.options}))
+            accepted = ", ".join(sorted(GENERIC_KEYS | cls.options))
             msg = f"unknown option for a {self.type} clock; accepted: {accepted}"
             raise problems_error("clock", [((key,), msg) for key in unknown])
         try:
+            EventFilter.from_options(self.options)
             cls.check_options(self.resolved_options(_context_base_dir(info)))
         except (ValueError, TypeError) as exc:
             loc = option_for_message(self.options, str(exc))

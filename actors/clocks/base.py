@@ -103,7 +103,8 @@ class CursorStore:
 
 
 #: keys of a clock entry that are not options of the clock itself
-GENERIC_KEYS = frozenset({"type", "name"})
+# Keys every clock accepts: handled by the host, not by the clock itself.
+GENERIC_KEYS = frozenset({"type", "name", "filter"})
 
 
 def check_known_options(cls: type[EventClock], options: dict[str, Any]) -> None:

@@ -302,3 +302,35 @@ async def test_added_clocks_start_and_a_known_clock_is_not_added_twice(
     assert info["name"] == "host-0"
     assert [c["name"] for c in info["clocks"]] == ["inbox"]
     assert len(host.specs) == 1
+
+
+async def test_clock_filter_drops_non_matching_events_and_counts_them(
+    inbox: Path, state_dir: Path, coord: Coordinator
+) -> None:
+    spec = ClockSpec(
+        "acme",
+        "ingest",
+        "big-orders",
+        "directory",
+        {
+            "path": str(inbox),
+            "pattern": "*.json",
+            "poll_interval": 0.1,
+            "filter": "payload.content.amount > `100`",
+        },
+    )
+    async with hosting([spec], state_dir, coord) as host:
+        (inbox / "small.json").write_text(json.dumps({"amount": 5}))
+        (inbox / "big.json").write_text(json.dumps({"amount": 500}))
+        await wait_for(all_in_state(coord, 1, "completed"))
+        await wait_for(lambda: _filtered(host), timeout=10)
+        (clock,) = await host.clocks()
+        assert clock["filtered"] == 1
+        counts = await flow_counts(coord)
+    assert [e["payload"]["name"] for e in worker_of(coord).events] == ["big.json"]
+    assert counts["events"]["accepted"] == 1
+
+
+async def _filtered(host: ListenerHost) -> dict[str, Any] | None:
+    (clock,) = await host.clocks()
+    return clock if clock["filtered"] else None
