@@ -155,6 +155,27 @@ def down(
     out.print("stopped")
 
 
+@app.command()
+def submit(
+    config: Annotated[str, typer.Argument(help="config file")],
+    address: Annotated[
+        str, typer.Option("--address", help="Ray Jobs address, e.g. http://head:8265")
+    ],
+    timeout: Annotated[float, typer.Option(help="seconds to wait for every clock")] = 300.0,
+) -> None:
+    """Run the cluster as a Ray Job on an existing Ray cluster (returns once it listens)."""
+    from cluster.jobs import submit as submit_job
+
+    cfg = _config(config, check_entrypoints=True)
+    try:
+        job_id = submit_job(cfg, Path(config), address, timeout)
+    except ListenerError as exc:
+        raise fail(str(exc)) from None
+    out.print(
+        f"listening as Ray job {job_id}; stop it with `ray job stop {job_id} --address {address}`"
+    )
+
+
 def _client(config: str | None) -> Client:
     return Client(_config(config))
 

@@ -101,6 +101,13 @@ class LocalCluster:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, timeout: float = 120.0) -> LocalCluster:
         self._refuse_if_running()
+        missing = self.config.missing_tokens()
+        if missing:
+            raise StartError(
+                "tenant tokens are not set in the environment: "
+                + ", ".join(missing)
+                + " (a tenant with token_env accepts only authenticated requests)"
+            )
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._write("starting")
         try:
