@@ -148,6 +148,11 @@ class LocalCluster:
         if ray.is_initialized():
             return
         address = self.config.cluster.ray_address
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            # ``ray.init()`` alone would join whatever `ray start` cluster this machine last
+            # ran (even a dead one); ``ray_address: null`` means a fresh local Ray. Inside a
+            # Ray Job, RAY_ADDRESS names the job's cluster and is followed.
+            address = "local"
         ray.init(
             address=address,
             include_dashboard=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -138,3 +139,63 @@ def test_up_detach_fails_with_the_reason_when_a_clock_cannot_listen(tmp_path: Pa
     assert "missing-dir" in up.stderr
     state = json.loads((tmp_path / ".listeners" / "cluster.json").read_text())
     assert state["state"] == "failed"
+
+
+SLOW_FLOW = textwrap.dedent(
+    """
+    import json, time
+    from prefect import flow
+
+    @flow
+    def ingest(event=None):
+        time.sleep(0.3)
+        with open("ran.jsonl", "a") as fh:
+            fh.write(json.dumps(event["id"]) + "\\n")
+    """
+)
+
+
+def test_driver_killed_with_sigkill_is_replaced_by_the_next_up_and_no_event_is_lost(
+    tmp_path: Path,
+):
+    (tmp_path / "flows.py").write_text(SLOW_FLOW)
+    config = {
+        "cluster": {
+            "prefect": "off",
+            "ingress": {"port": 0},
+            "workers": 1,
+            "worker_concurrency": 1,
+        },
+        "flows": [
+            {"name": "ingest", "entrypoint": "flows.py:ingest", "clocks": [{"type": "webhook"}]}
+        ],
+    }
+    (tmp_path / "listeners.yaml").write_text(yaml.safe_dump(config))
+    listeners("up", "listeners.yaml", "--detach", cwd=tmp_path)
+    try:
+        for i in range(8):
+            listeners("emit", "ingest", "--payload", "{}", "--id", f"k{i}", cwd=tmp_path)
+        state = json.loads((tmp_path / ".listeners" / "cluster.json").read_text())
+        os.kill(state["pid"], signal.SIGKILL)  # accepted events are still pending or running
+        wait_until(
+            lambda: (
+                listeners("emit", "ingest", "--payload", "{}", cwd=tmp_path, check=False).returncode
+                != 0
+            ),
+            what="the cluster to be down",
+        )
+        listeners("up", "listeners.yaml", "--detach", cwd=tmp_path)
+
+        def completed() -> set[str]:
+            runs = as_json(listeners("runs", "--json", cwd=tmp_path))["runs"]
+            return {r["event_id"] for r in runs if r["state"] == "completed"}
+
+        wait_until(
+            lambda: completed() == {f"k{i}" for i in range(8)},
+            timeout=120,
+            what="every accepted event to complete after the restart",
+        )
+    finally:
+        listeners("down", cwd=tmp_path, check=False)
+    ran = [json.loads(x) for x in (tmp_path / "ran.jsonl").read_text().splitlines()]
+    assert set(ran) == {f"k{i}" for i in range(8)}
