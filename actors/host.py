@@ -110,11 +110,16 @@ class ListenerHost:
                 self.specs.append(spec)
                 self._add(spec)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Cancel every clock; a clock whose library swallows the cancellation is reported
+        and left behind after ``timeout`` instead of hanging the shutdown."""
         tasks = [s.task for s in self._slots.values() if s.task]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=timeout)
+            for task in stuck:
+                log.error("clock %s did not stop within %.0fs", task.get_name(), timeout)
         if self._pusher:
             self._pusher.cancel()
             await asyncio.gather(self._pusher, return_exceptions=True)

@@ -324,13 +324,13 @@ class AmqpClock(EventClock):
             messages, lost = [first], None
             deadline = loop.time() + self.batch_wait
             while len(messages) < self.max_batch:
-                remaining = deadline - loop.time()
-                if link.inbox.empty() and remaining <= 0:
-                    break
                 try:
-                    item = await asyncio.wait_for(link.inbox.get(), max(remaining, 0))
-                except TimeoutError:
-                    break
+                    item = link.inbox.get_nowait()
+                except asyncio.QueueEmpty:
+                    try:  # safe: a cancelled Queue.get leaves its item in the queue
+                        item = await asyncio.wait_for(link.inbox.get(), deadline - loop.time())
+                    except TimeoutError:
+                        break
                 if isinstance(item, _Lost):
                     lost = item
                     break

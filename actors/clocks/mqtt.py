@@ -286,7 +286,9 @@ class MqttClock(EventClock):
                 deadline = loop.time() + self.batch_wait
                 while len(received) < self.max_batch:
                     pending = asyncio.ensure_future(anext(messages))
-                    done, _ = await asyncio.wait({pending}, timeout=deadline - loop.time())
+                    # queued messages are taken whatever the deadline; then wait out the rest
+                    wait = None if len(messages) else max(0.0, deadline - loop.time())
+                    done, _ = await asyncio.wait({pending}, timeout=wait)
                     if not done:
                         break
                     received.append(pending.result())

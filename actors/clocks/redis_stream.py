@@ -22,9 +22,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import datetime, timezone
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -33,7 +33,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from actors.clocks import register
-from actors.clocks.base import Backoff, Batch, ClockSpec, CursorStore, EventClock, RawEvent, Rejection
+from actors.clocks.base import (
+    Backoff,
+    Batch,
+    ClockSpec,
+    CursorStore,
+    EventClock,
+    RawEvent,
+    Rejection,
+)
 from actors.event import MAX_PAYLOAD_BYTES, iso
 
 __all__ = ["RedisStreamClock", "decode_entry", "mask_url"]
@@ -42,6 +50,9 @@ log = logging.getLogger(__name__)
 
 _START = re.compile(r"^(\$|0|\d+(-\d+)?)$")
 Entry = tuple[bytes, dict[bytes, bytes]]
+T = TypeVar("T")
+CONNECT_TIMEOUT = 5.0
+CALL_TIMEOUT = 10.0  # seconds a command may take beyond its own BLOCK time
 
 
 def mask_url(url: str) -> str:
@@ -87,7 +98,9 @@ def decode_entry(
         if k != field.encode()
     }
     payload = {"body": body, "entry_id": entry_id, "stream": stream, "fields": others}
-    return RawEvent(id=ref, type="redis-stream:entry", occurred=entry_time(entry_id), payload=payload)
+    return RawEvent(
+        id=ref, type="redis-stream:entry", occurred=entry_time(entry_id), payload=payload
+    )
 
 
 def describe_error(exc: Exception, where: str) -> str:
@@ -95,6 +108,13 @@ def describe_error(exc: Exception, where: str) -> str:
     if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
         return f"consumer group or stream vanished at {where}; recreating it"
     return f"redis at {where}: {type(exc).__name__}: {exc}"
+
+
+def raise_if_cancelled() -> None:
+    """Honour a cancellation a client library swallowed (``asyncio.wait_for`` before 3.12)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _positive_int(options: dict[str, Any], key: str) -> None:
@@ -108,7 +128,8 @@ class RedisStreamClock(EventClock):
     """Emits a ``redis-stream:entry`` event per entry of ``stream``; id ``<stream>:<entry id>``.
 
     Options: ``stream`` (required), ``url`` (default ``redis://127.0.0.1:6379/0``; a password
-    may also come from ``REDIS_PASSWORD``), ``group`` (default ``listeners``), ``consumer``
+    may also come from ``REDIS_PASSWORD``), ``url_env`` (environment variable holding the URL;
+    wins over ``url``), ``group`` (default ``listeners``), ``consumer``
     (default ``<tenant>/<flow>/<clock name>``), ``block_ms`` (1000), ``max_batch`` (500),
     ``claim_idle_ms`` (30000), ``start`` (``$`` or ``0``, where a new group starts; ``$``),
     ``max_bytes`` (1 MiB), ``field`` (the entry field holding the JSON body; ``data``).
@@ -116,7 +137,7 @@ class RedisStreamClock(EventClock):
 
     type = "redis-stream"
     options: ClassVar[frozenset[str]] = frozenset(
-        {"url", "stream", "group", "consumer", "block_ms", "max_batch", "claim_idle_ms"}
+        {"url", "url_env", "stream", "group", "consumer", "block_ms", "max_batch", "claim_idle_ms"}
         | {"start", "max_bytes", "field"}
     )
     max_backoff: ClassVar[float] = 30.0
@@ -125,7 +146,10 @@ class RedisStreamClock(EventClock):
         super().__init__(spec, cursor)
         self.check_options(spec.options)
         opts = spec.options
+        self.url_env: str | None = opts.get("url_env")
         self.url: str = opts.get("url") or "redis://127.0.0.1:6379/0"
+        if self.url_env:  # shown masked in ``source``; read again at every connect
+            self.url = os.environ.get(self.url_env) or f"redis://${self.url_env}"
         self.stream: str = opts["stream"]
         self.group: str = opts.get("group") or "listeners"
         self.consumer: str = opts.get("consumer") or spec.key
@@ -153,7 +177,7 @@ class RedisStreamClock(EventClock):
             not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://"))
         ):
             raise ValueError("option 'url' must be a redis://, rediss:// or unix:// URL")
-        for key in ("group", "consumer", "field"):
+        for key in ("url_env", "group", "consumer", "field"):
             if options.get(key) is not None and (
                 not isinstance(options[key], str) or not options[key]
             ):
@@ -162,21 +186,35 @@ class RedisStreamClock(EventClock):
             _positive_int(options, key)
         start = options.get("start", "$")
         if not isinstance(start, (str, int)) or not _START.match(str(start)):
-            raise ValueError(f"option 'start' must be '$' (new entries) or '0' (all), got {start!r}")
+            raise ValueError(
+                f"option 'start' must be '$' (new entries) or '0' (all), got {start!r}"
+            )
 
     @property
     def source(self) -> str:
         return f"{mask_url(self.url)}#{self.stream}"
 
     async def open(self) -> None:
-        self._client = aioredis.Redis.from_url(
-            self.url,
-            password=urlsplit(self.url).password or os.environ.get("REDIS_PASSWORD"),
-            socket_connect_timeout=5,
-            socket_timeout=self.block_ms / 1000 + 10,
+        """Nothing to do yet: ``batches`` connects (and retries) on its own."""
+        self._ready = False
+
+    def _make_client(self) -> aioredis.Redis:
+        url = self.url
+        if self.url_env:
+            url = os.environ.get(self.url_env, "")
+            if not url:
+                raise ConnectionError(f"environment variable {self.url_env!r} is not set")
+            self.url = url
+        return aioredis.Redis.from_url(
+            url,
+            password=urlsplit(url).password or os.environ.get("REDIS_PASSWORD"),
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            # No socket_timeout: redis-py then writes through ``asyncio.wait_for``, which on
+            # Python < 3.12 can swallow a cancellation (the clock would never stop). Every call
+            # is bounded by ``asyncio.timeout`` in ``_call`` instead.
+            socket_timeout=None,
             retry=Retry(NoBackoff(), 1),
         )
-        self._ready = False
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -188,8 +226,8 @@ class RedisStreamClock(EventClock):
         if not ids or self._client is None:
             return
         try:
-            await self._client.xack(self.stream, self.group, *ids)
-        except RedisError as exc:
+            await self._call(self._client.xack(self.stream, self.group, *ids))
+        except (RedisError, OSError) as exc:
             # Still pending: the own-pending phase after reconnect yields them again (same ids).
             log.warning("redis-stream clock %s: XACK failed (%s)", self.spec.key, exc)
             self._ready = False
@@ -199,6 +237,7 @@ class RedisStreamClock(EventClock):
     async def batches(self) -> AsyncIterator[Batch]:
         backoff = Backoff(initial=0.2, cap=self.max_backoff)
         while True:
+            raise_if_cancelled()
             try:
                 batch = await self._next_batch()
             except (RedisError, OSError) as exc:
@@ -218,7 +257,7 @@ class RedisStreamClock(EventClock):
     async def _next_batch(self) -> Batch | None:
         """One round of the current phase; ``None`` when it produced nothing new."""
         if self._client is None:
-            await self.open()
+            self._client = self._make_client()
         if not self._ready:
             await self._ensure_group()
             self._pending_from, self._claim_from, self._next_claim = "0", "0-0", 0.0
@@ -230,15 +269,23 @@ class RedisStreamClock(EventClock):
             if entries:
                 return self._batch(entries)
         assert self._client is not None
-        reply = await self._client.xreadgroup(
-            self.group, self.consumer, {self.stream: ">"}, count=self.max_batch, block=self.block_ms
+        reply = await self._call(
+            self._client.xreadgroup(
+                self.group,
+                self.consumer,
+                {self.stream: ">"},
+                count=self.max_batch,
+                block=self.block_ms,
+            )
         )
         return self._batch(reply[0][1] if reply else [])
 
     async def _ensure_group(self) -> None:
         assert self._client is not None
         try:
-            await self._client.xgroup_create(self.stream, self.group, id=self.start, mkstream=True)
+            await self._call(
+                self._client.xgroup_create(self.stream, self.group, id=self.start, mkstream=True)
+            )
             log.info("created consumer group %s on stream %s", self.group, self.stream)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
@@ -246,8 +293,10 @@ class RedisStreamClock(EventClock):
 
     async def _read_own_pending(self) -> list[Entry]:
         assert self._client is not None and self._pending_from is not None
-        reply = await self._client.xreadgroup(
-            self.group, self.consumer, {self.stream: self._pending_from}, count=self.max_batch
+        reply = await self._call(
+            self._client.xreadgroup(
+                self.group, self.consumer, {self.stream: self._pending_from}, count=self.max_batch
+            )
         )
         entries: list[Entry] = reply[0][1] if reply else []
         self._pending_from = entries[-1][0].decode() if entries else None
@@ -256,22 +305,30 @@ class RedisStreamClock(EventClock):
     async def _autoclaim(self) -> list[Entry]:
         """Take over entries idle past ``claim_idle_ms`` (a dead consumer's), a page per call."""
         assert self._client is not None
-        reply = await self._client.xautoclaim(
-            self.stream,
-            self.group,
-            self.consumer,
-            self.claim_idle_ms,
-            self._claim_from,
-            count=self.max_batch,
+        reply = await self._call(
+            self._client.xautoclaim(
+                self.stream,
+                self.group,
+                self.consumer,
+                self.claim_idle_ms,
+                self._claim_from,
+                count=self.max_batch,
+            )
         )
         cursor, entries = reply[0].decode(), reply[1]
         if cursor == "0-0":  # scanned the whole pending list: wait before the next scan
             interval = min(max(self.claim_idle_ms / 2000, 0.1), 30.0)
             self._next_claim = time.monotonic() + interval
         self._claim_from = cursor
-        if entries:
-            log.info("redis-stream clock %s claimed %d idle entries", self.spec.key, len(entries))
-        return entries
+        taken = [e for e in entries if e[0].decode() not in self._inflight]
+        if taken:
+            log.info("redis-stream clock %s claimed %d idle entries", self.spec.key, len(taken))
+        return taken
+
+    async def _call(self, command: Awaitable[T]) -> T:
+        """Await one Redis command, bounded (a silent server raises ``TimeoutError``)."""
+        async with asyncio.timeout(self.block_ms / 1000 + CALL_TIMEOUT):
+            return await command
 
     def _batch(self, entries: list[Entry]) -> Batch | None:
         """Entries not already in flight, decoded; ``token`` lists the entry ids to ack."""

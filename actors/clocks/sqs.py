@@ -136,7 +136,7 @@ class SqsClock(EventClock):
     def check_options(cls, options: dict[str, Any]) -> None:
         super().check_options(options)
         if not options.get("queue_url") and not options.get("queue_name"):
-            raise ValueError(f"a {cls.type} clock needs option 'queue_url' or 'queue_name'")
+            raise ValueError(f"an {cls.type} clock needs option 'queue_url' or 'queue_name'")
         for key in ("queue_name", "region", *(o for o in ("prefix", "suffix") if o in cls.options)):
             if options.get(key) is not None and not isinstance(options[key], str):
                 raise ValueError(f"option {key!r} must be a string, got {options[key]!r}")

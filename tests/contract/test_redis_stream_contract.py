@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from actors.clocks import CLOCK_TYPES, ClockSpec, CursorStore
 from actors.clocks.redis_stream import RedisStreamClock, mask_url
 from tests.contract.base import ClockContract, Harness, SourceDriver, require_service, wait_state
+from tests.contract.proxy import TcpProxy
 
 HOST, PORT = "127.0.0.1", 6379
 
@@ -123,6 +124,29 @@ async def test_an_entry_without_the_body_field_or_too_large_is_rejected(
         assert "no field 'data'" in got.rejections[0].detail
     finally:
         await h.stop()
+
+
+async def test_credentials_come_from_the_environment_and_never_show(
+    stream: RedisStreamDriver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CONTRACT_REDIS_URL", raising=False)
+    h = await start_clock(stream, tmp_path, url_env="CONTRACT_REDIS_URL")
+    try:
+        await wait_state(h.clock, "degraded")
+        assert "CONTRACT_REDIS_URL" in (h.clock.error or "")
+    finally:
+        await h.stop()
+    unused = TcpProxy(HOST, PORT)  # a port that refuses connections once cut
+    unused.cut()
+    monkeypatch.setenv("CONTRACT_REDIS_URL", f"redis://app:s3cret@127.0.0.1:{unused.port}/0")
+    h = await start_clock(stream, tmp_path, url_env="CONTRACT_REDIS_URL")
+    try:
+        await wait_state(h.clock, "degraded")
+        shown = f"{h.clock.error} {h.clock.source}"
+        assert "app:***@" in shown and "s3cret" not in shown
+    finally:
+        await h.stop()
+        unused.close()
 
 
 def test_bad_options_are_named_and_passwords_are_masked() -> None:
