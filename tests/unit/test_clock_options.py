@@ -21,6 +21,18 @@ SPEC_EXAMPLES: list[dict[str, Any]] = [
     },
     {"type": "webhook"},
 ]
+# One minimal valid entry per connector of the event-hook library.
+CONNECTOR_EXAMPLES: list[dict[str, Any]] = [
+    {"type": "sqs", "queue_url": "https://sqs.us-east-1.amazonaws.com/123456789012/orders"},
+    {"type": "s3-sqs", "queue_name": "landing-events"},
+    {"type": "redis-stream", "stream": "orders"},
+    {"type": "nats", "stream": "ORDERS", "subject": "orders.>"},
+    {"type": "amqp", "queue": "orders"},
+    {"type": "mqtt", "topic": "sensors/+/reading"},
+    {"type": "postgres", "table": "outbox"},
+    {"type": "prefect-event", "event": ["prefect.flow-run.Completed"]},
+    {"type": "rrule", "rrule": "FREQ=WEEKLY;BYDAY=MO;BYHOUR=9;BYMINUTE=0"},
+]
 
 
 def check(options: dict[str, Any]) -> None:
@@ -36,7 +48,7 @@ def test_the_clocks_of_the_spec_example_config_are_valid(entry: dict[str, Any]) 
 def test_every_clock_declares_its_options_and_accepts_a_name(clock_type: str) -> None:
     cls = CLOCK_TYPES[clock_type]
     assert isinstance(cls.options, frozenset)
-    entry = next(e for e in SPEC_EXAMPLES if e["type"] == clock_type)
+    entry = next(e for e in SPEC_EXAMPLES + CONNECTOR_EXAMPLES if e["type"] == clock_type)
     check({**entry, "name": "mine"})
 
 
