@@ -47,6 +47,15 @@ class CronClock(Clock):
         super().__init__(cron=cron, timezone=timezone, **options)
 
 
+class RRuleClock(Clock):
+    """A tick at each occurrence of an RFC 5545 RRULE, in ``timezone`` (default UTC)."""
+
+    type = "rrule"
+
+    def __init__(self, rrule: str, timezone: str | None = None, **options: Any) -> None:
+        super().__init__(rrule=rrule, timezone=timezone, **options)
+
+
 class DirectoryClock(Clock):
     """An event per file landing in ``path`` (matching ``pattern``)."""
 
@@ -77,4 +86,12 @@ class WebhookClock(Clock):
     type = "webhook"
 
 
-__all__ = ["Clock", "CronClock", "DirectoryClock", "IntervalClock", "S3Clock", "WebhookClock"]
+__all__ = [
+    "Clock",
+    "CronClock",
+    "DirectoryClock",
+    "IntervalClock",
+    "RRuleClock",
+    "S3Clock",
+    "WebhookClock",
+]

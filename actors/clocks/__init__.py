@@ -39,6 +39,7 @@ LAZY_TYPES: dict[str, tuple[str, str | None]] = {
     "mqtt": ("actors.clocks.mqtt", "mqtt"),
     "postgres": ("actors.clocks.postgres", "postgres"),
     "prefect-event": ("actors.clocks.prefect_event", None),
+    "rrule": ("actors.clocks.time", None),
 }
 
 

@@ -1,18 +1,19 @@
-"""Time clocks: interval and cron. A tick is an event with id ``<clock>:<scheduled UTC ISO>``.
+"""Time clocks: interval, cron and rrule. A tick is an event with id ``<clock>:<scheduled ISO>``.
 
-Tick computation is a pure function of (after, schedule) so it is testable without sleeping;
-the clocks only sleep until the next tick and remember the last acked one in the cursor. A
-restarted clock does not catch up missed ticks: it waits for the next one after now, and never
-re-emits a tick at or before its cursor.
+Tick computation is pure (actors.clocks.schedule) so it is testable without sleeping; the
+clocks only sleep until the next tick and remember the last acked one in the cursor. A
+restarted clock never re-emits a tick at or before its cursor on its own; what it does with the
+ticks it missed while down is its ``catchup`` policy (none, latest, all), decided on open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from abc import abstractmethod
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from typing import Any, ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -20,22 +21,45 @@ from croniter import croniter
 
 from actors.clocks import register
 from actors.clocks.base import Batch, ClockSpec, CursorStore, EventClock, RawEvent
+from actors.clocks.schedule import (
+    CATCHUP_POLICIES,
+    DEFAULT_DTSTART,
+    EPOCH,
+    CatchUp,
+    CronSchedule,
+    IntervalSchedule,
+    RRuleSchedule,
+    Schedule,
+    catch_up,
+    compile_rrule,
+    next_cron_tick,
+    next_interval_tick,
+    next_rrule_tick,
+)
 from actors.event import iso
 
 __all__ = [
     "CronClock",
     "IntervalClock",
+    "RRuleClock",
+    "TimeClock",
     "next_cron_tick",
     "next_interval_tick",
+    "next_rrule_tick",
     "parse_duration",
 ]
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+log = logging.getLogger(__name__)
+
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_ONE_US = timedelta(microseconds=1)
 #: longest single sleep, so a wall-clock jump (suspend, NTP step) is noticed within a minute
 _MAX_NAP = 60.0
+#: options every time clock accepts
+CATCHUP_OPTIONS = frozenset({"catchup", "max_catchup"})
+DEFAULT_MAX_CATCHUP = 100
+#: largest ``max_catchup``: the missed ticks go out as one batch
+MAX_CATCHUP_LIMIT = 10_000
 
 
 def parse_duration(value: Any) -> float:
@@ -63,9 +87,11 @@ def parse_duration(value: Any) -> float:
 
 
 def parse_time(value: Any) -> datetime:
-    """An aware datetime from an ISO string or datetime (naive means UTC)."""
+    """An aware datetime from an ISO string, datetime or date (naive means UTC)."""
     if isinstance(value, datetime):
         dt = value
+    elif isinstance(value, date):  # YAML reads an unquoted 2024-01-01 as a date
+        dt = datetime.combine(value, datetime.min.time())
     elif isinstance(value, str):
         try:
             dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
@@ -74,23 +100,6 @@ def parse_time(value: Any) -> datetime:
     else:
         raise ValueError(f"time must be an ISO string, not {value!r}")
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
-
-
-def next_interval_tick(after: datetime, every: float, anchor: datetime = EPOCH) -> datetime:
-    """The first ``anchor + k*every`` strictly after ``after`` (UTC; microsecond arithmetic)."""
-    step_us = max(1, round(every * 1_000_000))
-    elapsed_us = (after - anchor) // _ONE_US
-    k = elapsed_us // step_us + 1
-    return (anchor + timedelta(microseconds=k * step_us)).astimezone(timezone.utc)
-
-
-def next_cron_tick(after: datetime, expr: str, tz: str = "UTC") -> datetime:
-    """The first time strictly after ``after`` matching ``expr`` in zone ``tz``, in UTC."""
-    local = after.astimezone(ZoneInfo(tz))
-    tick = croniter(expr, local).get_next(datetime)
-    if tick <= after:  # croniter truncates sub-seconds; never return a tick at or before ``after``
-        tick = croniter(expr, tick).get_next(datetime)
-    return tick.astimezone(timezone.utc)
 
 
 def check_cron(expr: Any) -> str:
@@ -116,20 +125,92 @@ def check_timezone(tz: Any) -> str:
     return tz
 
 
+def parse_local_time(value: Any) -> datetime:
+    """A datetime from an ISO string, datetime or date, naive unless it names an offset."""
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, date):  # YAML reads an unquoted 2024-01-01 as a date
+        return datetime.combine(value, datetime.min.time())
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"bad ISO time {value!r}, e.g. '2024-01-01T09:00'") from None
+    raise ValueError(f"time must be an ISO string, not {value!r}")
+
+
+def check_catchup(options: dict[str, Any]) -> tuple[str, int]:
+    """The ``catchup`` policy and ``max_catchup`` bound of a time clock's options."""
+    policy = options.get("catchup")
+    policy = "none" if policy is None else policy
+    if policy not in CATCHUP_POLICIES:
+        raise ValueError(
+            f"option 'catchup' must be one of {', '.join(CATCHUP_POLICIES)}, got {policy!r}"
+        )
+    bound = options.get("max_catchup")
+    bound = DEFAULT_MAX_CATCHUP if bound is None else bound
+    if isinstance(bound, bool) or not isinstance(bound, int) or not 1 <= bound <= MAX_CATCHUP_LIMIT:
+        raise ValueError(
+            f"option 'max_catchup' must be an integer from 1 to {MAX_CATCHUP_LIMIT}, got {bound!r}"
+        )
+    return policy, bound
+
+
+def check_rrule(options: dict[str, Any]) -> RRuleSchedule:
+    """The schedule of an rrule clock's options (``rrule``, ``dtstart``, ``timezone``)."""
+    text = options.get("rrule")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(
+            "option 'rrule' must be an RFC 5545 RRULE string, "
+            f"e.g. 'FREQ=WEEKLY;BYDAY=MO,WE;BYHOUR=9;BYMINUTE=0', got {text!r}"
+        )
+    tz = options.get("timezone") or "UTC"
+    check_timezone(tz)
+    dtstart = DEFAULT_DTSTART
+    if options.get("dtstart") is not None:
+        try:
+            dtstart = parse_local_time(options["dtstart"])
+        except ValueError as exc:
+            raise ValueError(f"option 'dtstart': {exc}") from None
+    try:
+        schedule = compile_rrule(text, dtstart, tz)
+    except ValueError as exc:
+        raise ValueError(f"option 'rrule' is not a valid RRULE ({exc}): {text!r}") from None
+    if schedule.first() is None:
+        raise ValueError(f"option 'rrule' matches no time at all: {text!r}")
+    return schedule
+
+
 class TimeClock(EventClock):
-    """Shared loop of the time clocks: sleep until the next tick, yield it as a 1-event batch."""
+    """Shared loop of the time clocks: sleep until the next tick, yield it as a 1-event batch.
+
+    On open with a cursor, the ticks missed since it are decided by the ``catchup`` policy and
+    yielded first, as one batch.
+    """
 
     kind: ClassVar[str]
 
     def __init__(self, spec: ClockSpec, cursor: CursorStore) -> None:
         super().__init__(spec, cursor)
         self.check_options(spec.options)
+        self.catchup, self.max_catchup = check_catchup(spec.options)
+        self.schedule = self.build_schedule()
         self._last: datetime | None = None  # last tick yielded
         self._acked: datetime | None = None  # last tick saved in the cursor
+        self._missed: list[datetime] = []  # caught-up ticks still to yield
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        super().check_options(options)
+        check_catchup(options)
 
     @abstractmethod
-    def next_after(self, after: datetime) -> datetime:
-        """The first tick strictly after ``after``."""
+    def build_schedule(self) -> Schedule:
+        """The pure schedule of this clock's options."""
+
+    def next_after(self, after: datetime) -> datetime | None:
+        """The first tick strictly after ``after`` (None: the schedule has ended)."""
+        return self.schedule.next_after(after)
 
     def now(self) -> datetime:
         return datetime.now(timezone.utc)
@@ -141,6 +222,24 @@ class TimeClock(EventClock):
         except ValueError:
             self._last = None
         self._acked = self._last
+        decided = await asyncio.to_thread(
+            catch_up, self._last, self.now(), self.schedule, self.catchup, self.max_catchup
+        )
+        self._missed = decided.ticks
+        self._log_catch_up(decided)
+
+    def _log_catch_up(self, decided: CatchUp) -> None:
+        if decided.dropped:
+            more = "more than " if decided.dropped_at_least else ""
+            log.warning(
+                "clock %s: %s%d missed ticks dropped, catching up the latest %d (max_catchup)",
+                self.spec.key,
+                more,
+                decided.dropped,
+                len(decided.ticks),
+            )
+        if decided.ticks:
+            log.info("clock %s: catching up %d missed ticks", self.spec.key, len(decided.ticks))
 
     def tick_event(self, scheduled: datetime) -> RawEvent:
         when = iso(scheduled)
@@ -153,9 +252,16 @@ class TimeClock(EventClock):
 
     async def batches(self) -> AsyncIterator[Batch]:
         self.set_listening()
+        if self._missed:
+            missed, self._missed = self._missed, []
+            self._last = missed[-1]
+            yield Batch(events=[self.tick_event(t) for t in missed], token=missed[-1])
         while True:
             now = self.now()
             tick = self.next_after(max(now, self._last) if self._last else now)
+            if tick is None:  # a finished rule: stay listening, there is nothing left to emit
+                await asyncio.Event().wait()
+                continue
             await self.sleep_until(tick)
             self._last = tick
             yield Batch(events=[self.tick_event(tick)], token=tick)
@@ -182,13 +288,7 @@ class IntervalClock(TimeClock):
 
     type = "interval"
     kind = "interval"
-    options: ClassVar[frozenset[str]] = frozenset({"every", "anchor"})
-
-    def __init__(self, spec: ClockSpec, cursor: CursorStore) -> None:
-        super().__init__(spec, cursor)
-        self.every = parse_duration(spec.options["every"])
-        anchor = spec.options.get("anchor")
-        self.anchor = EPOCH if anchor is None else parse_time(anchor)
+    options: ClassVar[frozenset[str]] = frozenset({"every", "anchor"}) | CATCHUP_OPTIONS
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
@@ -210,8 +310,10 @@ class IntervalClock(TimeClock):
         every = self.spec.options["every"]
         return f"interval:{every if isinstance(every, str) else f'{every:g}s'}"
 
-    def next_after(self, after: datetime) -> datetime:
-        return next_interval_tick(after, self.every, self.anchor)
+    def build_schedule(self) -> IntervalSchedule:
+        anchor = self.spec.options.get("anchor")
+        every = parse_duration(self.spec.options["every"])
+        return IntervalSchedule(every, EPOCH if anchor is None else parse_time(anchor))
 
 
 @register
@@ -220,12 +322,7 @@ class CronClock(TimeClock):
 
     type = "cron"
     kind = "cron"
-    options: ClassVar[frozenset[str]] = frozenset({"cron", "timezone"})
-
-    def __init__(self, spec: ClockSpec, cursor: CursorStore) -> None:
-        super().__init__(spec, cursor)
-        self.expr: str = spec.options["cron"]
-        self.timezone: str = spec.options.get("timezone") or "UTC"
+    options: ClassVar[frozenset[str]] = frozenset({"cron", "timezone"}) | CATCHUP_OPTIONS
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
@@ -238,7 +335,34 @@ class CronClock(TimeClock):
 
     @property
     def source(self) -> str:
-        return f"cron:{self.expr}"
+        return f"cron:{self.spec.options['cron']}"
 
-    def next_after(self, after: datetime) -> datetime:
-        return next_cron_tick(after, self.expr, self.timezone)
+    def build_schedule(self) -> CronSchedule:
+        return CronSchedule(self.spec.options["cron"], self.spec.options.get("timezone") or "UTC")
+
+
+@register
+class RRuleClock(TimeClock):
+    """Ticks on an RFC 5545 RRULE from ``dtstart``, evaluated on wall time in ``timezone``."""
+
+    type = "rrule"
+    kind = "rrule"
+    options: ClassVar[frozenset[str]] = frozenset({"rrule", "dtstart", "timezone"}) | (
+        CATCHUP_OPTIONS
+    )
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        super().check_options(options)
+        if "rrule" not in options:
+            raise ValueError(
+                "an rrule clock needs option 'rrule' (e.g. rrule: 'FREQ=DAILY;BYHOUR=9;BYMINUTE=0')"
+            )
+        check_rrule(options)
+
+    @property
+    def source(self) -> str:
+        return f"rrule:{self.spec.options['rrule']}"
+
+    def build_schedule(self) -> RRuleSchedule:
+        return check_rrule(self.spec.options)

@@ -315,7 +315,7 @@ def test_unknown_keys_are_errors_at_every_level(tmp_path: Path) -> None:
     assert_problem(err, "clusters", "unknown key", "cluster, flows, tenants")
     assert_problem(err, "cluster.ingress.prot", "unknown key", "host, port")
     assert_problem(err, "flows[0].retry", "unknown key", "retries")
-    assert_problem(err, "flows[0].clocks[0].evry", "unknown option", "anchor, every")
+    assert_problem(err, "flows[0].clocks[0].evry", "unknown option", "anchor, catchup, every")
 
 
 def test_bad_values_name_key_and_value(tmp_path: Path) -> None:
@@ -371,7 +371,7 @@ def test_unknown_clock_type_lists_known_types(tmp_path: Path) -> None:
     text = "flows: [{name: a, entrypoint: 'flows.py:ingest', clocks: [{type: kafka}, {}]}]\n"
     err = config_error(write_config(tmp_path, text))
 
-    assert_problem(err, "flows[0].clocks[0].type", "'kafka'", "cron, directory, interval, s3")
+    assert_problem(err, "flows[0].clocks[0].type", "'kafka'", "cron, directory, interval")
     assert_problem(err, "flows[0].clocks[1].type", "required key is missing")
 
 
