@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import datetime as dt
-import ipaddress
 import json
 import logging
 import re
@@ -51,12 +49,15 @@ DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 MIN_POLL = 0.05
 MAX_HOLES = 1000  # holes watched at once; the newest are kept
 MATCH = "__listener_match"
-_IP_TYPES = tuple(
-    getattr(ipaddress, f"IPv{v}{kind}")
-    for v in (4, 6)
-    for kind in ("Address", "Network", "Interface")
-)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
+#: numeric options: (name, lowest value, accepted types)
+_NUMBERS = (
+    ("poll_interval", MIN_POLL, (int, float)),
+    ("late_commit_window", 0, (int, float)),
+    ("max_batch", 1, int),
+    ("max_bytes", 1, int),
+)
 
 
 class Unconvertible(ValueError):
@@ -67,13 +68,7 @@ class BadIdColumn(ValueError):
     """The id column does not hold integers (the cursor needs them)."""
 
 
-_SOURCE_ERRORS = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    BadIdColumn,
-)
+_SOURCE_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def mask_dsn(dsn: str) -> str:
@@ -104,7 +99,7 @@ def row_to_json(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, dt.timedelta):
         return value.total_seconds()
-    if isinstance(value, (Decimal, uuid.UUID, *_IP_TYPES)):
+    if isinstance(value, (Decimal, uuid.UUID)) or type(value).__module__ == "ipaddress":
         return str(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode("ascii")
@@ -140,15 +135,10 @@ def parse_body(raw: Any) -> dict[str, Any]:
 
 @register
 class PostgresClock(EventClock):
-    """Emits a ``postgres.row`` event per new row of ``table``.
+    """Emits a ``postgres.row`` event per new row of ``table`` (options: docs/sources/postgres.md).
 
-    Options: ``table`` (required; ``name`` or ``schema.name``), ``dsn`` (default
-    ``postgresql://postgres@127.0.0.1:5432/postgres``; passwords best from ``PGPASSWORD`` or
-    ``~/.pgpass``), ``id_column`` (integer key used as the cursor, default ``id``), ``channel``
-    (NOTIFY channel that wakes the read), ``poll_interval`` (default 1 s), ``columns`` (the row's
-    columns that form the body, default all), ``body_column`` (instead: a text/json column holding
-    the JSON body), ``where`` (trusted SQL filter expression), ``max_batch`` (default 500),
-    ``late_commit_window`` (seconds to watch skipped ids, default 60; 0 = off), ``max_bytes``.
+    The body is the row (``columns``, default all, converted to JSON) or the JSON object held by
+    ``body_column``; ``where`` is a trusted SQL expression from the config, never user input.
     """
 
     type = "postgres"
@@ -186,51 +176,33 @@ class PostgresClock(EventClock):
     def check_options(cls, options: dict[str, Any]) -> None:
         super().check_options(options)
         table = options.get("table")
-        if not isinstance(table, str) or not all(_IDENT.match(p) for p in table.split(".")):
-            raise ValueError(
-                f"option 'table' must be a table name (or schema.table), got {table!r}"
-            )
-        if table.count(".") > 1:
-            raise ValueError(f"option 'table' has too many dots: {table!r}")
+        if not isinstance(table, str) or not _TABLE.match(table):
+            raise ValueError(f"option 'table' must be a table name or schema.table, got {table!r}")
         for key in ("id_column", "channel", "body_column"):
             value = options.get(key)
             if value is not None and (not isinstance(value, str) or not _IDENT.match(value)):
                 raise ValueError(f"option {key!r} must be an identifier, got {value!r}")
-        cls._check_columns(options)
-        dsn = options.get("dsn")
-        if dsn is not None and (
-            not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://"))
-        ):
-            raise ValueError("option 'dsn' must be a postgresql:// URL")
-        where = options.get("where")
-        if where is not None and (
-            not isinstance(where, str) or not where.strip() or re.search(r";|--|/\*", where)
-        ):
-            raise ValueError(
-                f"option 'where' must be one SQL expression (no ';' and no comments), got {where!r}"
-            )
-        for key, low, default in (("poll_interval", MIN_POLL, 1.0), ("late_commit_window", 0, 60)):
-            value = options.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-                raise ValueError(f"option {key!r} must be a number >= {low}, got {value!r}")
-        for key in ("max_batch", "max_bytes"):
-            value = options.get(key, 1)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"option {key!r} must be a positive integer, got {value!r}")
-
-    @classmethod
-    def _check_columns(cls, options: dict[str, Any]) -> None:
         columns = options.get("columns")
-        if columns is None:
-            return
-        if options.get("body_column") is not None:
+        if columns is not None and options.get("body_column") is not None:
             raise ValueError("options 'columns' and 'body_column' exclude each other")
-        if (
+        if columns is not None and (
             not isinstance(columns, list)
             or not columns
             or not all(isinstance(c, str) and _IDENT.match(c) for c in columns)
         ):
             raise ValueError(f"option 'columns' must be a list of column names, got {columns!r}")
+        dsn = options.get("dsn", DEFAULT_DSN)
+        if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
+            raise ValueError("option 'dsn' must be a postgresql:// URL")
+        where = options.get("where", "true")
+        if not isinstance(where, str) or not where.strip() or re.search(r";|--|/\*", where):
+            raise ValueError(
+                f"option 'where' must be one SQL expression (no ';' and no comments), got {where!r}"
+            )
+        for key, low, kind in _NUMBERS:
+            value = options.get(key, low)
+            if isinstance(value, bool) or not isinstance(value, kind) or value < low:
+                raise ValueError(f"option {key!r} must be a number >= {low}, got {value!r}")
 
     @property
     def source(self) -> str:
@@ -277,6 +249,11 @@ class PostgresClock(EventClock):
 
     async def batches(self) -> AsyncIterator[Batch]:
         backoff = Backoff(initial=min(1.0, self.poll_interval), cap=self.max_backoff)
+        if self._inflight and self._acked is not None:  # a restarted iteration re-reads ...
+            self._acked = min(self._acked, min(self._inflight) - 1)
+        self._position = self._acked  # ... every unacked row
+        self._inflight.clear()
+        self._pending_holes.clear()
         while True:
             self._wake.clear()
             try:
@@ -284,7 +261,7 @@ class PostgresClock(EventClock):
                     await self._connect()
                 rows = await self._read()
                 batch = self._batch(rows)
-            except _SOURCE_ERRORS as exc:
+            except (*_SOURCE_ERRORS, BadIdColumn) as exc:
                 await self._degrade(exc)
                 await asyncio.sleep(backoff.next())
                 continue
@@ -293,8 +270,16 @@ class PostgresClock(EventClock):
             if len(batch):
                 yield batch
             if len(rows) < self.max_batch:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                await self._sleep()
+
+    async def _sleep(self) -> None:
+        # Until a notification or a lost connection wakes us, at most poll_interval. Not
+        # wait_for: before 3.12 it can swallow a cancellation that races the wake-up.
+        timer = asyncio.get_running_loop().call_later(self.poll_interval, self._wake.set)
+        try:
+            await self._wake.wait()
+        finally:
+            timer.cancel()
 
     async def _degrade(self, exc: BaseException) -> None:
         await self._drop_connection()
@@ -323,7 +308,7 @@ class PostgresClock(EventClock):
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             try:
-                await asyncio.wait_for(conn.close(), 5)
+                await conn.close(timeout=5)
             except Exception:
                 conn.terminate()
             except asyncio.CancelledError:
@@ -400,9 +385,7 @@ class PostgresClock(EventClock):
 def describe_error(exc: BaseException, dsn: str, table: str) -> str:
     """A human reason for ``degraded``; the DSN's password is masked."""
     where = mask_dsn(dsn)
-    if isinstance(
-        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
-    ):
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):  # bad password too
         return f"authentication to {where} failed: {exc}"
     if isinstance(exc, asyncpg.UndefinedTableError):
         return f"table {table!r} does not exist at {where}"

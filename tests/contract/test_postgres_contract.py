@@ -234,6 +234,27 @@ async def test_notify_wakes_the_clock_long_before_the_poll_interval(
     assert got.events[0].payload["body"] == {"n": 7}
 
 
+async def test_a_restarted_iteration_of_the_same_clock_rereads_unacked_rows(
+    table: PostgresDriver, tmp_path: Path
+) -> None:
+    await table.publish({"n": 1})
+    await table.publish({"n": 2})
+    opts = {"dsn": dsn(), "table": table.name, "body_column": "body", "poll_interval": 0.1}
+    spec = ClockSpec(tenant="t", flow="f", name="pg", type="postgres", options=opts)
+    clock = PostgresClock(spec, CursorStore.for_clock(tmp_path, spec))
+    await clock.open()
+    try:
+        first = clock.batches()
+        seen = [e.id for e in (await anext(first)).events]
+        await first.aclose()  # the host's task crashed before the ack
+        again = clock.batches()
+        assert [e.id for e in (await anext(again)).events] == seen
+        await again.aclose()
+    finally:
+        await clock.close()
+    assert seen == [f"{table.name}:1", f"{table.name}:2"]
+
+
 async def test_password_is_masked_in_the_source_and_the_degraded_reason(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind((HOST, 0))
