@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from actors.batching import BatchDelivery, BatchPolicy
 from actors.event import Event, unpack_events
 from actors.handles import RunOutcome, SourceRejection, WorkerHandle
 from actors.ledger import Finish, FlowCounts, Ledger, RejectionRecord, RunRecord
@@ -42,6 +43,7 @@ class FlowPolicy:
     retries: int = 3
     retry_delay: float = 1.0
     max_retry_delay: float = 300.0
+    batch: BatchPolicy | None = None  # None: one run per event
 
     @property
     def key(self) -> FlowKey:
@@ -60,7 +62,7 @@ class TenantPolicy:
     max_events_per_second: int = 1000
 
 
-class Coordinator:
+class Coordinator(BatchDelivery):
     def __init__(
         self,
         ledger: Ledger,
@@ -88,6 +90,8 @@ class Coordinator:
         self._tenant_running: dict[str, int] = dict.fromkeys(self.tenants, 0)
         self._worker_load = [0] * len(workers)
         self._timers: dict[RunKey, asyncio.TimerHandle] = {}
+        self._queued_at: dict[FlowKey, float] = {}
+        self._batch_timers: dict[FlowKey, asyncio.TimerHandle] = {}
         self._latencies: deque[float] = deque(maxlen=20_000)
         self._started = False
         self._stopping = False
@@ -101,8 +105,14 @@ class Coordinator:
                 return
             self._paused = set(await self.ledger.paused())
             now = time.time()
+            running_batches: dict[str, list[RunRecord]] = {}
             for rec in await self.ledger.open_runs():
-                self._restore(rec, now)
+                if rec.state.value == "running" and rec.batch:
+                    running_batches.setdefault(rec.batch, []).append(rec)
+                else:
+                    self._restore(rec, now)
+            for bid, recs in running_batches.items():
+                self._restore_batch(bid, recs)
             self._started = True
         self._pump()
 
@@ -112,7 +122,7 @@ class Coordinator:
             log.warning("ledger holds a run of unconfigured flow %s/%s; left alone", *ev.key[:2])
             return
         if rec.state.value == "pending":
-            self._queues[ev.key[:2]].append(ev)
+            self._enqueue(ev)
         elif rec.state.value == "failed":
             self._schedule_retry(ev, max(0.0, (rec.next_at or now) - now))
         else:  # running when the previous coordinator died: re-send, same worker and attempt
@@ -123,9 +133,10 @@ class Coordinator:
         """Stop dispatching; wait up to ``drain_timeout`` for running attempts. Returns how
         many were still running (they stay ``running`` in the ledger and resume on restart)."""
         self._stopping = True
-        for timer in self._timers.values():
+        for timer in [*self._timers.values(), *self._batch_timers.values()]:
             timer.cancel()
         self._timers.clear()
+        self._batch_timers.clear()
         tasks = list(self._inflight.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=drain_timeout)
@@ -176,7 +187,7 @@ class Coordinator:
         for i, is_new in zip(to_claim, new, strict=True):
             outcomes[i] = "accepted" if is_new else "duplicate"
             if is_new:
-                self._queues[events[i].key[:2]].append(events[i])
+                self._enqueue(events[i])
         self._pump()
         return outcomes
 
@@ -187,6 +198,13 @@ class Coordinator:
         return bucket
 
     # -- dispatch -----------------------------------------------------------------------
+    def _enqueue(self, ev: Event) -> None:
+        fkey = ev.key[:2]
+        queue = self._queues[fkey]
+        if not queue:
+            self._queued_at[fkey] = time.monotonic()
+        queue.append(ev)
+
     def _pump(self) -> None:
         """Start as many queued runs as tenants' quotas and workers' capacity allow."""
         if self._stopping or not self._started:
@@ -197,21 +215,30 @@ class Coordinator:
             n = len(self._order)
             for step in range(n):
                 fkey = self._order[(self._rr + step) % n]
-                queue = self._queues[fkey]
-                if not queue or fkey in self._paused:
-                    continue
-                tenant = self.tenants.get(fkey[0])
-                limit = tenant.max_concurrent_runs if tenant else 8
-                if self._tenant_running.get(fkey[0], 0) >= limit:
+                if not self._queues[fkey] or fkey in self._paused or self._tenant_full(fkey[0]):
                     continue
                 worker = self._pick_worker()
                 if worker is None:
                     return
-                ev = queue.popleft()
-                if ev.key not in self._inflight:
-                    self._launch(ev, worker)
-                    progress = True
+                progress = self._dispatch(fkey, worker) or progress
             self._rr = (self._rr + 1) % max(1, n)
+
+    def _tenant_full(self, tenant: str) -> bool:
+        policy = self.tenants.get(tenant)
+        limit = policy.max_concurrent_runs if policy else 8
+        return self._tenant_running.get(tenant, 0) >= limit
+
+    def _dispatch(self, fkey: FlowKey, worker: int) -> bool:
+        """Start one run of ``fkey`` (an event, or a batch once it is due); True if started."""
+        queue = self._queues[fkey]
+        batch = self.flows[fkey].batch
+        if batch is None:
+            ev = queue.popleft()
+            if ev.key in self._inflight:
+                return False
+            self._launch(ev, worker)
+            return True
+        return self._dispatch_batch(fkey, batch, worker)
 
     def _pick_worker(self) -> int | None:
         load = min(self._worker_load)
@@ -285,7 +312,7 @@ class Coordinator:
 
     def _retry_due(self, ev: Event) -> None:
         self._timers.pop(ev.key, None)
-        self._queues[ev.key[:2]].append(ev)
+        self._enqueue(ev)
         self._pump()
 
     # -- control ------------------------------------------------------------------------
@@ -319,7 +346,7 @@ class Coordinator:
         events = await self.ledger.replay(keys)
         for ev in events:
             if ev.key[:2] in self._queues:
-                self._queues[ev.key[:2]].append(ev)
+                self._enqueue(ev)
         self._pump()
         return ["/".join(ev.key) for ev in events]
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 
+from actors.batching import BatchPolicy
 from actors.clocks import ClockSpec
 from actors.coordinator import FlowPolicy, TenantPolicy
 from actors.ingress import TenantAuth
@@ -28,7 +29,7 @@ from cluster.actors_remote import (
     SupervisorActor,
     WorkerActor,
 )
-from cluster.config import ClusterConfig
+from cluster.config import BatchDelivery, ClusterConfig, FlowConfig
 from cluster.handles import ActorRecipe, RayCoordinatorHandle, RayHandle, RayWorkerHandle
 
 INGRESS_SUBMIT_TIMEOUT = 5.0
@@ -91,6 +92,13 @@ def source_env(specs: list[ClockSpec]) -> dict[str, str]:
     }
 
 
+def flow_policy(f: FlowConfig) -> FlowPolicy:
+    batch = None
+    if isinstance(f.delivery, BatchDelivery):
+        batch = BatchPolicy(f.delivery.max_events, f.delivery.max_wait)
+    return FlowPolicy(f.tenant, f.name, f.retries, f.retry_delay, batch=batch)
+
+
 def flow_targets(config: ClusterConfig, flow_objs: dict[str, Any] | None) -> list[FlowTarget]:
     objs = flow_objs or {}
     return [
@@ -140,7 +148,7 @@ def deploy(
         state_dir,
         c.synchronous,
         workers,
-        [FlowPolicy(f.tenant, f.name, f.retries, f.retry_delay) for f in config.flows],
+        [flow_policy(f) for f in config.flows],
         [
             TenantPolicy(t.name, t.quotas.max_concurrent_runs, t.quotas.max_events_per_second)
             for t in config.all_tenants()

@@ -117,6 +117,20 @@ class ClusterSection(_Model):
     _check_ray_address = field_validator("ray_address")(check_ray_address)
 
 
+class BatchDelivery(_Model):
+    """``delivery: {mode: batch, ...}``: one run receives up to ``max_events`` events, after at
+    most ``max_wait`` for the batch to fill (``delivery: batch`` takes the defaults)."""
+
+    mode: Literal["batch"]
+    max_events: PosInt = 100
+    max_wait: float = 1.0
+
+    @field_validator("max_wait", mode="before")
+    @classmethod
+    def _parse_max_wait(cls, value: Any) -> float:
+        return parse_duration(value)
+
+
 class Quotas(_Model):
     max_listeners: PosInt = 1000
     max_concurrent_runs: PosInt = 8
@@ -199,7 +213,7 @@ class FlowConfig(_Model):
     event_parameter: str = "event"
     retries: int = Field(default=3, ge=0)
     retry_delay: float = 1.0  # seconds; the config may say "250ms", "2s", "5m", "1h"
-    delivery: Literal["event"] = "event"  # one flow run per event
+    delivery: Literal["event"] | BatchDelivery = "event"  # "event": one flow run per event
     clocks: list[ClockConfig] = Field(default_factory=list)
 
     @field_validator("clocks", mode="before")
@@ -222,6 +236,11 @@ class FlowConfig(_Model):
         if not value.isidentifier():
             raise ValueError(f"{value!r} is not a Python parameter name")
         return value
+
+    @field_validator("delivery", mode="before")
+    @classmethod
+    def _batch_shorthand(cls, value: Any) -> Any:
+        return {"mode": "batch"} if value == "batch" else value
 
     @field_validator("retry_delay", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ the same ids, and the ledger turns them into duplicates: at-least-once plus idem
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -113,6 +114,19 @@ def check_known_options(cls: type[EventClock], options: dict[str, Any]) -> None:
         if key not in cls.options and key not in GENERIC_KEYS:
             known = ", ".join(sorted(cls.options)) or "none"
             raise ValueError(f"unknown option {key!r} for a {cls.type} clock (accepted: {known})")
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait until ``event`` is set or ``timeout`` passes (then it is set).
+
+    Not ``asyncio.wait_for(event.wait(), t)``: before Python 3.12 that can swallow a
+    cancellation arriving as the event fires, and the clock's task never stops.
+    """
+    handle = asyncio.get_running_loop().call_later(max(0.0, timeout), event.set)
+    try:
+        await event.wait()
+    finally:
+        handle.cancel()
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ import stat
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,6 +37,7 @@ from actors.clocks.base import (
     EventClock,
     RawEvent,
     Rejection,
+    wait_event,
 )
 from actors.event import MAX_PAYLOAD_BYTES, iso
 
@@ -219,8 +220,7 @@ class DirectoryClock(EventClock):
         timeout = max(0.0, deadline - time.monotonic())
         if not self._changed:
             self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await wait_event(self._wake, timeout)
 
     async def _watch(self) -> None:
         """Feed ``watchfiles`` notifications into ``_changed``; rescans cover any failure.
@@ -329,7 +329,7 @@ class DirectoryClock(EventClock):
             if isinstance(content, Rejection):
                 return content
             payload["content"] = content
-        occurred = datetime.fromtimestamp(st.mtime_ns / 1e9, tz=timezone.utc)
+        occurred = datetime.fromtimestamp(st.mtime_ns / 1e9, tz=UTC)
         return RawEvent(
             id=f"{st.path}@{st.signature}", type="file", occurred=iso(occurred), payload=payload
         )

@@ -25,7 +25,7 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 from prefect.client.orchestration import PrefectClient
@@ -141,7 +141,7 @@ class PrefectEventClock(EventClock):
         self.resources = _patterns(opts.get("resource"))
         self.overlap = timedelta(seconds=float(opts.get("overlap", 60)))
         self.max_bytes = int(opts.get("max_bytes", MAX_PAYLOAD_BYTES))
-        self._origin = self._since = datetime.now(timezone.utc)
+        self._origin = self._since = datetime.now(UTC)
         self._acked: dict[str, datetime] = {}  # id -> occurred, acked at or after since
         self._inflight: dict[str, datetime] = {}  # id -> occurred, queued or yielded
         self._high: datetime | None = None  # latest occurrence acked
@@ -281,7 +281,7 @@ class PrefectEventClock(EventClock):
         """Every stored event from ``since`` on (paged, oldest first) that is not known yet."""
         query = self._filter()
         query.occurred = EventOccurredFilter(
-            since=self._since, until=datetime.now(timezone.utc) + timedelta(days=1)
+            since=self._since, until=datetime.now(UTC) + timedelta(days=1)
         )
         query.order = EventOrder.ASC
         async with rest_client(api_url) as client:

@@ -23,7 +23,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -69,7 +69,7 @@ def mask_url(url: str) -> str:
 def entry_time(entry_id: str) -> str:
     """The ISO time a stream entry id encodes (``<unix ms>-<seq>``)."""
     millis = int(entry_id.split("-", 1)[0])
-    return iso(datetime.fromtimestamp(millis / 1000, tz=timezone.utc))
+    return iso(datetime.fromtimestamp(millis / 1000, tz=UTC))
 
 
 def decode_entry(

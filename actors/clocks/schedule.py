@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import ClassVar
 from zoneinfo import ZoneInfo
@@ -34,7 +34,7 @@ __all__ = [
     "next_rrule_tick",
 ]
 
-UTC = timezone.utc
+UTC = UTC
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: wall-clock start of an RRULE without ``dtstart`` (in the clock's timezone)
 DEFAULT_DTSTART = datetime(2000, 1, 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -24,7 +24,7 @@ Decoded = list[RawEvent | Rejection]
 def _sent_at(message: dict[str, Any]) -> str:
     millis = message.get("Attributes", {}).get("SentTimestamp")
     try:
-        return iso(datetime.fromtimestamp(int(millis) / 1000, tz=timezone.utc))
+        return iso(datetime.fromtimestamp(int(millis) / 1000, tz=UTC))
     except (TypeError, ValueError):
         return utcnow_iso()
 

@@ -13,7 +13,7 @@ import logging
 import re
 from abc import abstractmethod
 from collections.abc import AsyncIterator
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -99,7 +99,7 @@ def parse_time(value: Any) -> datetime:
             raise ValueError(f"bad ISO time {value!r}, e.g. '2024-01-01T00:00:00Z'") from None
     else:
         raise ValueError(f"time must be an ISO string, not {value!r}")
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
 def check_cron(expr: Any) -> str:
@@ -213,7 +213,7 @@ class TimeClock(EventClock):
         return self.schedule.next_after(after)
 
     def now(self) -> datetime:
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
 
     async def open(self) -> None:
         saved = self.cursor.load() or {}

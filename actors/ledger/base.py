@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from actors.event import Event
 
 
-class RunState(str, enum.Enum):
+class RunState(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -47,6 +47,7 @@ class RunRecord:
     prefect_flow_run_id: str | None = None
     created: float = 0.0
     updated: float = 0.0
+    batch: str | None = None  # the batch id while it runs as a member of a batch
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -107,10 +108,17 @@ class Ledger(Protocol):
 
     async def reject(self, records: list[RejectionRecord]) -> None: ...
 
-    async def start(self, key: tuple[str, str, str], worker: int) -> tuple[int, int] | None:
+    async def start(
+        self, key: tuple[str, str, str], worker: int, batch: str | None = None
+    ) -> tuple[int, int] | None:
         """``pending``/``failed`` → ``running`` with attempts+1; ``(attempt, series)``, or None
         if the run is not startable (already running, completed or dead). ``series`` counts
         replays, so ``(series, attempt)`` names one attempt for all time."""
+
+    async def start_batch(
+        self, keys: list[tuple[str, str, str]], worker: int, batch: str
+    ) -> list[tuple[int, int] | None]:
+        """``start`` every member of a batch in one transaction, recording the batch id."""
 
     async def finish(self, results: list[Finish]) -> list[bool]:
         """Record outcomes of running attempts; False where the attempt was stale."""

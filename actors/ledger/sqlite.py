@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS runs (
     error TEXT, traceback TEXT,
     prefect_flow_run_id TEXT,
     created REAL NOT NULL, updated REAL NOT NULL,
+    batch TEXT,
     PRIMARY KEY (tenant, flow, event_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS runs_open ON runs(state) WHERE state IN ('pending','running','failed');
@@ -56,7 +57,7 @@ CREATE TABLE IF NOT EXISTS rejections (
 
 RUN_COLUMNS = (
     "event, state, attempts, series, worker, next_at, error, traceback, "
-    "prefect_flow_run_id, created, updated"
+    "prefect_flow_run_id, created, updated, batch"
 )
 MAX_REJECTIONS_KEPT = 10_000
 
@@ -78,6 +79,7 @@ def _record(row: tuple) -> RunRecord:
         prefect_flow_run_id=row[8],
         created=row[9],
         updated=row[10],
+        batch=row[11],
     )
 
 
@@ -92,6 +94,9 @@ class SQLiteLedger:
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(runs)")}
+        if "batch" not in columns:  # a ledger written before batch delivery existed
+            self._db.execute("ALTER TABLE runs ADD COLUMN batch TEXT")
 
     # -- claims -------------------------------------------------------------------------
     async def claim(self, events: list[Event]) -> list[bool]:
@@ -161,14 +166,35 @@ class SQLiteLedger:
             raise
 
     # -- run transitions ----------------------------------------------------------------
-    async def start(self, key: tuple[str, str, str], worker: int) -> tuple[int, int] | None:
+    async def start(
+        self, key: tuple[str, str, str], worker: int, batch: str | None = None
+    ) -> tuple[int, int] | None:
+        return self._start(key, worker, batch, time.time())
+
+    def _start(
+        self, key: tuple[str, str, str], worker: int, batch: str | None, now: float
+    ) -> tuple[int, int] | None:
         row = self._db.execute(
             "UPDATE runs SET state = 'running', attempts = attempts + 1, worker = ?, "
-            "next_at = NULL, updated = ? WHERE tenant = ? AND flow = ? AND event_id = ? "
-            "AND state IN ('pending', 'failed') RETURNING attempts, series",
-            (worker, time.time(), *key),
+            "batch = ?, next_at = NULL, updated = ? WHERE tenant = ? AND flow = ? "
+            "AND event_id = ? AND state IN ('pending', 'failed') RETURNING attempts, series",
+            (worker, batch, now, *key),
         ).fetchone()
         return None if row is None else (int(row[0]), int(row[1]))
+
+    async def start_batch(
+        self, keys: list[tuple[str, str, str]], worker: int, batch: str
+    ) -> list[tuple[int, int] | None]:
+        """``start`` for every member of a batch, in one transaction."""
+        now = time.time()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            started = [self._start(key, worker, batch, now) for key in keys]
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return started
 
     async def finish(self, results: list[Finish]) -> list[bool]:
         now = time.time()

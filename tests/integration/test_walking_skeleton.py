@@ -267,3 +267,23 @@ def test_status_and_runs_survive_the_cluster_stopping(make_cluster, tmp_path: Pa
     flow = offline.status()["flows"][0]
     assert flow["runs"]["completed"] == 3 and flow["events"]["accepted"] == 3
     assert sorted(r["event_id"] for r in offline.runs()) == ["r-0", "r-1", "r-2"]
+
+
+def test_batch_delivery_gives_one_run_a_list_of_events_and_each_event_runs_once(make_cluster):
+    c = make_cluster(
+        [
+            {
+                "name": "ingest",
+                "delivery": {"mode": "batch", "max_events": 5, "max_wait": "300ms"},
+                "clocks": [{"type": "webhook"}],
+            }
+        ]
+    )
+    for i in range(12):
+        assert c.post("ingest", {"id": f"b-{i}", "payload": {"i": i}}).status_code == 202
+    wait_until(lambda: c.completed() == 12, what="12 member runs")
+    batches = [r["event"] for r in c.log()]
+    assert all(b["type"] == "batch" for b in batches)
+    members = [m["id"] for b in batches for m in b["payload"]["events"]]
+    assert sorted(members) == sorted(f"b-{i}" for i in range(12))
+    assert max(len(b["payload"]["events"]) for b in batches) <= 5

@@ -8,7 +8,7 @@ import dataclasses
 import itertools
 import logging
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from actors.clocks.time import (
     next_rrule_tick,
 )
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def at(text: str) -> datetime:

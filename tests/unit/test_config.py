@@ -512,3 +512,33 @@ def test_example_flows_take_the_event_or_nothing() -> None:
     assert ingest.fn() == {"id": None, "source": None}
     assert nightly.fn({"id": "cron:2024-01-01T00:00:00Z"}) == "cron:2024-01-01T00:00:00Z"
     assert nightly.fn() is None
+
+
+def test_batch_delivery_parses_with_defaults_and_durations(tmp_path: Path) -> None:
+    from cluster.config import BatchDelivery, config_from_dict
+
+    flows = [
+        {"name": "a", "entrypoint": "x.py:f", "delivery": "batch"},
+        {
+            "name": "b",
+            "entrypoint": "x.py:f",
+            "delivery": {"mode": "batch", "max_events": 10, "max_wait": "250ms"},
+        },
+        {"name": "c", "entrypoint": "x.py:f"},
+    ]
+    cfg = config_from_dict({"flows": flows}, tmp_path)
+    a, b, c = (f.delivery for f in cfg.flows)
+    assert isinstance(a, BatchDelivery) and (a.max_events, a.max_wait) == (100, 1.0)
+    assert isinstance(b, BatchDelivery) and (b.max_events, b.max_wait) == (10, 0.25)
+    assert c == "event"
+
+
+def test_bad_batch_delivery_names_the_key(tmp_path: Path) -> None:
+    import pytest as _pytest
+
+    from cluster.config import ConfigError, config_from_dict
+
+    flows = [{"name": "a", "entrypoint": "x.py:f", "delivery": {"mode": "batch", "max_events": 0}}]
+    with _pytest.raises(ConfigError) as err:
+        config_from_dict({"flows": flows}, tmp_path, source="cfg.yaml")
+    assert "flows[0].delivery" in str(err.value)
