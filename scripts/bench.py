@@ -167,8 +167,11 @@ def main() -> int:
         default=5.0,
         help="rate for tracked runs (a SQLite Prefect server sustains ~10 tracked runs/s)",
     )
+    from benchmarks import peer_prefect
+
+    peer_prefect.add_arguments(sub.add_parser("peer-prefect", help=peer_prefect.HELP))
     args = parser.parse_args()
-    doc = {"latency": bench_latency}[args.name](args)
+    doc = {"latency": bench_latency, "peer-prefect": peer_prefect.run}[args.name](args)
     json.dump(doc, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

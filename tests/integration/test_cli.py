@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cluster.runtime import pid_alive
 from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.ray
@@ -148,7 +149,7 @@ SLOW_FLOW = textwrap.dedent(
 
     @flow
     def ingest(event=None):
-        time.sleep(0.3)
+        time.sleep(1.5)
         with open("ran.jsonl", "a") as fh:
             fh.write(json.dumps(event["id"]) + "\\n")
     """
@@ -176,14 +177,10 @@ def test_driver_killed_with_sigkill_is_replaced_by_the_next_up_and_no_event_is_l
         for i in range(8):
             listeners("emit", "ingest", "--payload", "{}", "--id", f"k{i}", cwd=tmp_path)
         state = json.loads((tmp_path / ".listeners" / "cluster.json").read_text())
-        os.kill(state["pid"], signal.SIGKILL)  # accepted events are still pending or running
-        wait_until(
-            lambda: (
-                listeners("emit", "ingest", "--payload", "{}", cwd=tmp_path, check=False).returncode
-                != 0
-            ),
-            what="the cluster to be down",
-        )
+        pending = as_json(listeners("runs", "--json", cwd=tmp_path))["runs"]
+        assert any(r["state"] != "completed" for r in pending)  # the kill lands mid-stream
+        os.kill(state["pid"], signal.SIGKILL)
+        wait_until(lambda: not pid_alive(state["pid"]), what="the driver to be gone")
         listeners("up", "listeners.yaml", "--detach", cwd=tmp_path)
 
         def completed() -> set[str]:
@@ -191,11 +188,11 @@ def test_driver_killed_with_sigkill_is_replaced_by_the_next_up_and_no_event_is_l
             return {r["event_id"] for r in runs if r["state"] == "completed"}
 
         wait_until(
-            lambda: completed() == {f"k{i}" for i in range(8)},
+            lambda: {f"k{i}" for i in range(8)} <= completed(),
             timeout=120,
             what="every accepted event to complete after the restart",
         )
     finally:
         listeners("down", cwd=tmp_path, check=False)
     ran = [json.loads(x) for x in (tmp_path / "ran.jsonl").read_text().splitlines()]
-    assert set(ran) == {f"k{i}" for i in range(8)}
+    assert sorted(r for r in ran if r.startswith("k")) == [f"k{i}" for i in range(8)]
