@@ -106,12 +106,22 @@ class DirectoryClock(EventClock):
     ``format`` (``auto``: parse ``*.json``, else metadata only; ``json``; ``text``; ``none``),
     ``poll_interval`` (seconds between safety-net rescans, default 1.0), ``stable_ms`` (a file
     must keep its size and mtime this long before it is emitted, default 0), ``max_bytes``
-    (largest file whose content is read, default 1 MiB).
+    (largest file whose content is read, default 1 MiB), ``create`` (create the folder when it
+    is missing instead of waiting for it, degraded; default false).
     """
 
     type = "directory"
     options: ClassVar[frozenset[str]] = frozenset(
-        {"path", "pattern", "recursive", "format", "poll_interval", "stable_ms", "max_bytes"}
+        {
+            "path",
+            "pattern",
+            "recursive",
+            "format",
+            "poll_interval",
+            "stable_ms",
+            "max_bytes",
+            "create",
+        }
     )
     #: clocks per process that use filesystem notifications (the others rely on rescans)
     max_watchers: ClassVar[int] = 16
@@ -128,6 +138,7 @@ class DirectoryClock(EventClock):
         self.poll_interval = float(opts.get("poll_interval", 1.0))
         self.stable_ms = int(opts.get("stable_ms", 0))
         self.max_bytes = int(opts.get("max_bytes", MAX_PAYLOAD_BYTES))
+        self.create: bool = bool(opts.get("create", False))
         self._acked: dict[str, str] = {}  # path -> signature, persisted in ack
         self._inflight: dict[str, str] = {}  # yielded, not yet acked
         self._pending: dict[str, Seen] = {}
@@ -145,6 +156,8 @@ class DirectoryClock(EventClock):
         if not isinstance(options.get("recursive", False), bool):
             got = options["recursive"]
             raise ValueError(f"option 'recursive' must be true or false, got {got!r}")
+        if not isinstance(options.get("create", False), bool):
+            raise ValueError(f"option 'create' must be true or false, got {options['create']!r}")
         if options.get("format", "auto") not in FORMATS:
             raise ValueError(f"option 'format' must be one of {FORMATS}, got {options['format']!r}")
         _check_number(options, "poll_interval", minimum=0.01)
@@ -156,6 +169,8 @@ class DirectoryClock(EventClock):
         return f"file://{self.directory}"
 
     async def open(self) -> None:
+        if self.create:
+            await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
         saved = self.cursor.load() or {}
         files = saved.get("files")
         self._acked = {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}

@@ -311,3 +311,14 @@ async def test_a_directory_removed_while_listening_degrades_and_recovers(
         batch = await pending
     assert clock.state == "listening"
     assert names(batch) == ["back.txt"]
+
+
+async def test_create_option_makes_the_missing_folder_and_listens(tmp_path: Path) -> None:
+    from actors.clocks import ClockSpec, CursorStore
+    from actors.clocks.directory import DirectoryClock
+
+    folder = tmp_path / "not" / "yet"
+    spec = ClockSpec("t", "f", "d", "directory", {"path": str(folder), "create": True})
+    clock = DirectoryClock(spec, CursorStore.for_clock(tmp_path / "state", spec))
+    await clock.open()
+    assert folder.is_dir()
