@@ -124,7 +124,8 @@ class LocalCluster:
             self._run(start_deployment(self.deployment), timeout)
             self.wait_listening(timeout)
         except BaseException as exc:
-            self._write("failed", error=str(exc))
+            reason = f"interrupted (exit {exc.code})" if isinstance(exc, SystemExit) else str(exc)
+            self._write("failed", error=reason or type(exc).__name__)
             self.stop(drain_timeout=0)
             if isinstance(exc, (ListenerError, KeyboardInterrupt)):
                 raise

@@ -167,11 +167,15 @@ def main() -> int:
         default=5.0,
         help="rate for tracked runs (a SQLite Prefect server sustains ~10 tracked runs/s)",
     )
-    from benchmarks import peer_prefect
+    from benchmarks import ingress_server, peer_prefect, sources
 
     peer_prefect.add_arguments(sub.add_parser("peer-prefect", help=peer_prefect.HELP))
+    sources.add_arguments(sub.add_parser("sources", help=sources.HELP))
+    ingress_server.add_arguments(sub.add_parser("ingress-server", help=ingress_server.HELP))
     args = parser.parse_args()
-    doc = {"latency": bench_latency, "peer-prefect": peer_prefect.run}[args.name](args)
+    runners = {"latency": bench_latency, "peer-prefect": peer_prefect.run, "sources": sources.run}
+    runners["ingress-server"] = ingress_server.run
+    doc = runners[args.name](args)
     json.dump(doc, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

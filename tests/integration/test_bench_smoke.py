@@ -60,3 +60,29 @@ def test_peer_prefect_bench_emits_valid_json() -> None:
         assert {"n", "p50_ms", "p95_ms", "p99_ms"} <= part.keys()
     assert isinstance(doc["ratio_p50"], float)
     assert "tracked" not in doc["ours"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sources_bench_emits_valid_json() -> None:
+    kinds = ["directory", "webhook", "redis-stream"]
+    doc = run_bench(
+        "sources",
+        "--latency-events=3",
+        "--throughput-events=50",
+        "--timeout=60",
+        f"--only={','.join(kinds)}",
+        timeout=200,
+    )
+    assert doc["benchmark"] == "sources"
+    assert set(doc["results"]) == set(kinds)
+    for kind, result in doc["results"].items():
+        if "skipped" in result:  # its service is down on this machine
+            assert isinstance(result["skipped"], str), kind
+            continue
+        assert "error" not in result, (kind, result)
+        assert {"p50_ms", "p99_ms", "n"} <= result["latency"].keys(), kind
+        assert result["latency"]["n"] == 3, kind
+        assert {"events", "seconds", "events_per_second"} <= result["throughput"].keys(), kind
+        assert result["throughput"]["events"] == 50, kind
+    assert {"loadavg_before", "loadavg_after"} <= doc["machine"].keys()
