@@ -197,8 +197,11 @@ class LocalCluster:
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         if self.deployment is not None:
-            with contextlib.suppress(Exception):
+            try:
                 self._run(stop_deployment(self.deployment, drain_timeout), drain_timeout + 30)
+            except Exception:
+                # Kill the actors below regardless; say why the clean stop did not happen.
+                log.exception("clean stop of the cluster's actors failed; killing them")
             self.deployment = None
         if ray.is_initialized():
             with contextlib.suppress(Exception):
