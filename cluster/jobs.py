@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from actors.errors import ListenerError
 from cluster.bootstrap import source_env
@@ -40,6 +41,18 @@ def _client(address: str):  # type: ignore[no-untyped-def]
         raise SubmitError(f"cannot reach the Ray Jobs API at {address}: {exc}") from None
 
 
+def _submit_retrying(client: Any, **job: Any) -> str:
+    """A head that has just started answers "No available agent" for a few seconds."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise SubmitError(f"the Ray Jobs API refused the job: {exc}") from None
+            time.sleep(1)
+
+
 def submit(config: ClusterConfig, config_path: Path, address: str, timeout: float) -> str:
     """Submit the job; return its id once the cluster listens (raise with the log otherwise)."""
     from ray.job_submission import JobStatus
@@ -53,7 +66,8 @@ def submit(config: ClusterConfig, config_path: Path, address: str, timeout: floa
     env.update(
         {t: os.environ[t] for t in (x.token_env for x in config.tenants) if t and t in os.environ}
     )
-    job_id = client.submit_job(
+    job_id = _submit_retrying(
+        client,
         entrypoint=f"python -m cluster.cli up {config_path.resolve().relative_to(base)}"
         f" --timeout {timeout:.0f}",
         runtime_env={"working_dir": str(base), "excludes": excludes, "env_vars": env},

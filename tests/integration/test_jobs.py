@@ -40,6 +40,13 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 "--head",
                 f"--port={port}",
                 f"--dashboard-port={dashboard}",
+                # Every port explicit: the test session's own Ray already holds the defaults
+                # (the dashboard agent's 52365 ...), and the head's job agent would never come
+                # up ("No available agent to submit job").
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
                 "--dashboard-host=127.0.0.1",
                 "--num-cpus=2",
                 "--block",
