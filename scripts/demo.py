@@ -28,7 +28,7 @@ from cluster.runtime import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo.yaml"
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def port_free(port: int) -> bool:
