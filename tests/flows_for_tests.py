@@ -77,3 +77,14 @@ def add_one(x: int) -> int:
 @flow
 def task_flow(event: dict[str, Any] | None = None) -> int:
     return add_one(1)
+
+
+#: heartbeat settings seen inside runs of ``heartbeat_probe`` (the runner runs flows in-process)
+HEARTBEAT_SEEN: list[Any] = []
+
+
+@flow
+def heartbeat_probe(event: dict[str, Any] | None = None) -> None:
+    from prefect.settings import get_current_settings
+
+    HEARTBEAT_SEEN.append(get_current_settings().flows.heartbeat_frequency)
