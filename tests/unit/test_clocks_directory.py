@@ -41,7 +41,8 @@ async def next_batch(batches: AsyncIterator[Batch], timeout: float = 10.0) -> Ba
 async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(0.02)
 
 

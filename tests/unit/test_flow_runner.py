@@ -131,13 +131,20 @@ async def test_unpicklable_result_is_not_a_problem(runner_factory) -> None:
 async def test_sync_runs_are_concurrent_and_bounded_by_the_pool(runner_factory) -> None:
     runner = runner_factory(flows.sleepy_flow, max_threads=4)
     events = [make_event(payload={"sleep": 0.3}) for _ in range(12)]
-    started = time.monotonic()
     outcomes = await asyncio.gather(*(runner.run(e, 1) for e in events))
-    elapsed = time.monotonic() - started
     assert all(o.ok for o in outcomes)
     threads = {flows.SEEN[e["id"]]["thread"] for e in events}
     assert 1 < len(threads) <= 4
-    assert elapsed < 12 * 0.3 / 2  # 3 waves of 4 (~0.9 s), far from 3.6 s sequential
+    # Runs overlap (concurrent), but never more than the pool's 4 at once.
+    edges = sorted(
+        [(o.started_at, 1) for o in outcomes] + [(o.finished_at, -1) for o in outcomes],
+        key=lambda edge: (edge[0], edge[1]),
+    )
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    assert 1 < peak <= 4
 
 
 async def test_async_runs_overlap_on_the_loop(runner_factory) -> None:
@@ -153,10 +160,8 @@ async def test_tasks_without_api_fail_clearly_without_a_temporary_server(runner_
         updates={PREFECT_SERVER_EPHEMERAL_ENABLED: True, PREFECT_API_URL: "http://127.0.0.1:9/api"}
     ):
         runner = runner_factory(flows.task_flow)
-    started = time.monotonic()
     outcome = await runner.run(make_event(), 1)
-    assert time.monotonic() - started < 5  # a temporary server takes 6-15 s to start
-    assert not outcome.ok
+    assert not outcome.ok  # a temporary server would have let the task succeed
     assert outcome.error == (
         "flow 'task-flow' needs a Prefect API (it calls tasks or the client); "
         "set `prefect: embedded` or a server URL in the cluster config"
