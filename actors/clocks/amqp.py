@@ -32,7 +32,7 @@ from aiormq import exceptions as errors
 from yarl import URL
 
 from actors.clocks import Batch, ClockSpec, CursorStore, EventClock, RawEvent, Rejection, register
-from actors.clocks.base import Backoff
+from actors.clocks.base import Backoff, mask_url
 from actors.event import MAX_PAYLOAD_BYTES, iso, utcnow_iso
 
 __all__ = ["AmqpClock", "ack_plan", "event_id", "mask_url", "parse_body"]
@@ -45,15 +45,6 @@ CLOSE_TIMEOUT = 5.0
 # OSError covers ConnectionError and TimeoutError
 SOURCE_ERRORS = (errors.AMQPError, errors.ChannelInvalidStateError, OSError)
 _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number"}
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (safe to log and to show in status)."""
-    try:
-        parsed = URL(url)
-    except (TypeError, ValueError):
-        return "<unparsable url>"
-    return str(parsed.with_password("***")) if parsed.password else str(parsed)
 
 
 def parse_body(raw: bytes, max_bytes: int) -> tuple[dict[str, Any] | None, str, str]:

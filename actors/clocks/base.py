@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 
 @dataclass(slots=True)
@@ -114,6 +115,19 @@ def check_known_options(cls: type[EventClock], options: dict[str, Any]) -> None:
         if key not in cls.options and key not in GENERIC_KEYS:
             known = ", ".join(sorted(cls.options)) or "none"
             raise ValueError(f"unknown option {key!r} for a {cls.type} clock (accepted: {known})")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: safe to log and to show in ``status``."""
+    try:
+        parts = urlsplit(url)
+        password, port = parts.password, parts.port
+    except ValueError:
+        return "<unparsable url>"
+    if password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{port}" if port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:

@@ -23,7 +23,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -49,6 +48,7 @@ from actors.clocks.base import (
     EventClock,
     RawEvent,
     Rejection,
+    mask_url,
 )
 from actors.event import MAX_PAYLOAD_BYTES, iso
 
@@ -71,10 +71,6 @@ def server_prefixes(patterns: list[str]) -> list[str] | None:
     """What the server can filter on (prefixes; the exact match is checked here), or None."""
     prefixes = [p.removesuffix("*") for p in patterns]
     return None if "" in prefixes else prefixes
-
-
-def mask_url(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
 
 
 def describe_error(exc: BaseException, api_url: str) -> str:

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -41,6 +41,7 @@ from actors.clocks.base import (
     EventClock,
     RawEvent,
     Rejection,
+    mask_url,
 )
 from actors.event import MAX_PAYLOAD_BYTES, iso
 
@@ -53,17 +54,6 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 T = TypeVar("T")
 CONNECT_TIMEOUT = 5.0
 CALL_TIMEOUT = 10.0  # seconds a command may take beyond its own BLOCK time
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe to log and show)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def entry_time(entry_id: str) -> str:

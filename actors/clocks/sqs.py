@@ -33,6 +33,7 @@ from botocore.exceptions import (
 
 from actors.clocks import register
 from actors.clocks.base import Backoff, Batch, ClockSpec, CursorStore, EventClock, RawEvent
+from actors.clocks.base import mask_url as base_mask_url
 from actors.clocks.sqs_messages import Decoded, decode_message, decode_s3_notification
 from actors.event import MAX_PAYLOAD_BYTES
 
@@ -44,14 +45,8 @@ SQS_BATCH = 10  # the most ReceiveMessage / DeleteMessageBatch handle in one cal
 
 
 def mask_url(url: str | None) -> str:
-    """``url`` with any password replaced by ``***`` (safe to log and to show in status)."""
-    if not url:
-        return "AWS"
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    netloc = f"{parsed.username}:***@{parsed.hostname}" + (f":{parsed.port}" if parsed.port else "")
-    return urlunparse(parsed._replace(netloc=netloc))
+    """The endpoint for messages: ``AWS`` when none is set, else masked like any URL."""
+    return "AWS" if not url else base_mask_url(url)
 
 
 def describe_error(exc: Exception, queue: str, endpoint: str | None) -> str:
