@@ -32,7 +32,7 @@ from aiormq import exceptions as errors
 from yarl import URL
 
 from actors.clocks import Batch, ClockSpec, CursorStore, EventClock, RawEvent, Rejection, register
-from actors.clocks.base import Backoff, mask_url
+from actors.clocks.base import Backoff, decode_json_object, mask_url
 from actors.event import MAX_PAYLOAD_BYTES, iso, utcnow_iso
 
 __all__ = ["AmqpClock", "ack_plan", "event_id", "mask_url", "parse_body"]
@@ -44,21 +44,14 @@ CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
 # OSError covers ConnectionError and TimeoutError
 SOURCE_ERRORS = (errors.AMQPError, errors.ChannelInvalidStateError, OSError)
-_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number"}
 
 
 def parse_body(raw: bytes, max_bytes: int) -> tuple[dict[str, Any] | None, str, str]:
     """(body, "", "") for a JSON object up to ``max_bytes``, else ``(None, reason, detail)``."""
-    if len(raw) > max_bytes:
-        return None, "too_large", f"message body is {len(raw)} bytes, over max_bytes={max_bytes}"
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        return None, "malformed", f"message body is not valid JSON: {exc}"
-    if not isinstance(body, dict):
-        kind = _JSON_TYPES.get(type(body), "null" if body is None else "a boolean")
-        return None, "malformed", f"message body must be a JSON object, got {kind}"
-    return body, "", ""
+    decoded = decode_json_object(raw, max_bytes, "message body")
+    if isinstance(decoded, dict):
+        return decoded, "", ""
+    return None, *decoded
 
 
 def jsonable(value: Any) -> Any:

@@ -117,6 +117,31 @@ def check_known_options(cls: type[EventClock], options: dict[str, Any]) -> None:
             raise ValueError(f"unknown option {key!r} for a {cls.type} clock (accepted: {known})")
 
 
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number"}
+
+
+def decode_json_object(raw: bytes, max_bytes: int, what: str = "message body") -> Any:
+    """The JSON object ``raw`` holds, or ``(reason, detail)`` saying why it is rejected: the
+    one body rule every message connector applies (pure)."""
+    if len(raw) > max_bytes:
+        return "too_large", f"{what} is {len(raw)} bytes, over max_bytes={max_bytes}"
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        return "malformed", f"{what} is not valid JSON: {exc}"
+    if not isinstance(body, dict):
+        kind = _JSON_KINDS.get(type(body), "null" if body is None else "a boolean")
+        return "malformed", f"{what} must be a JSON object, got {kind}"
+    return body
+
+
+def raise_if_cancelled() -> None:
+    """Honour a cancellation a client library swallowed (``asyncio.wait_for`` before 3.12)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def mask_url(url: str) -> str:
     """``url`` with its password replaced by ``***``: safe to log and to show in ``status``."""
     try:

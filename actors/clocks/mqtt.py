@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -28,7 +27,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 
 from actors.clocks import Batch, ClockSpec, CursorStore, EventClock, RawEvent, Rejection, register
-from actors.clocks.base import Backoff
+from actors.clocks.base import Backoff, decode_json_object
 from actors.event import MAX_PAYLOAD_BYTES, utcnow_iso
 
 __all__ = ["MqttClock", "default_client_id", "event_id", "parse_body"]
@@ -39,7 +38,6 @@ CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
 KEEPALIVE = 30
 SOURCE_ERRORS = (aiomqtt.MqttError, OSError)  # OSError covers ConnectionError, TimeoutError
-_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number"}
 
 
 class SubscriptionRefused(aiomqtt.MqttError):
@@ -57,16 +55,10 @@ def default_client_id(key: str, topic: str) -> str:
 
 def parse_body(raw: bytes, max_bytes: int) -> tuple[dict[str, Any] | None, str, str]:
     """(body, "", "") for a JSON object up to ``max_bytes``, else ``(None, reason, detail)``."""
-    if len(raw) > max_bytes:
-        return None, "too_large", f"payload is {len(raw)} bytes, over max_bytes={max_bytes}"
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        return None, "malformed", f"payload is not valid JSON: {exc}"
-    if not isinstance(body, dict):
-        kind = _JSON_TYPES.get(type(body), "null" if body is None else "a boolean")
-        return None, "malformed", f"payload must be a JSON object, got {kind}"
-    return body, "", ""
+    decoded = decode_json_object(raw, max_bytes, "payload")
+    if isinstance(decoded, dict):
+        return decoded, "", ""
+    return None, *decoded
 
 
 def event_id(topic: str, payload: bytes, body: dict[str, Any] | None) -> str:

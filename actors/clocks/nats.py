@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -44,6 +43,8 @@ from actors.clocks.base import (
     EventClock,
     RawEvent,
     Rejection,
+    decode_json_object,
+    raise_if_cancelled,
 )
 from actors.event import MAX_PAYLOAD_BYTES, iso
 
@@ -79,24 +80,8 @@ def decode_message(
     stream: str, sequence: int, data: bytes, max_bytes: int
 ) -> dict[str, Any] | Rejection:
     """The JSON object a message carries, or why it is rejected (pure)."""
-    ref = f"{stream}:{sequence}"
-    if len(data) > max_bytes:
-        return Rejection("too_large", f"message is {len(data)} bytes (max {max_bytes})", ref)
-    try:
-        body = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
-        return Rejection("malformed", f"message body is not valid JSON: {exc}", ref)
-    if not isinstance(body, dict):
-        kind = type(body).__name__
-        return Rejection("malformed", f"message body must be a JSON object, got {kind}", ref)
-    return body
-
-
-def raise_if_cancelled() -> None:
-    """Honour a cancellation a client library swallowed (``asyncio.wait_for`` before 3.12)."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+    decoded = decode_json_object(data, max_bytes)
+    return decoded if isinstance(decoded, dict) else Rejection(*decoded, f"{stream}:{sequence}")
 
 
 @dataclass(slots=True)

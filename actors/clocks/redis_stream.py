@@ -17,7 +17,6 @@ never raises out of ``batches``. Passwords in the URL are masked wherever the UR
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -41,7 +40,9 @@ from actors.clocks.base import (
     EventClock,
     RawEvent,
     Rejection,
+    decode_json_object,
     mask_url,
+    raise_if_cancelled,
 )
 from actors.event import MAX_PAYLOAD_BYTES, iso
 
@@ -73,15 +74,10 @@ def decode_entry(
     if raw is None:
         names = ", ".join(sorted(k.decode(errors="replace") for k in fields))
         return Rejection("malformed", f"entry has no field {field!r} (fields: {names})", ref)
-    if len(raw) > max_bytes:
-        return Rejection("too_large", f"field {field!r} is {len(raw)} bytes (max {max_bytes})", ref)
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        return Rejection("malformed", f"field {field!r} is not valid JSON: {exc}", ref)
-    if not isinstance(body, dict):
-        kind = type(body).__name__
-        return Rejection("malformed", f"field {field!r} must hold a JSON object, got {kind}", ref)
+    decoded = decode_json_object(raw, max_bytes, f"field {field!r}")
+    if not isinstance(decoded, dict):
+        return Rejection(*decoded, ref)
+    body = decoded
     others = {
         k.decode(errors="replace"): v.decode(errors="replace")
         for k, v in fields.items()
@@ -98,13 +94,6 @@ def describe_error(exc: Exception, where: str) -> str:
     if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
         return f"consumer group or stream vanished at {where}; recreating it"
     return f"redis at {where}: {type(exc).__name__}: {exc}"
-
-
-def raise_if_cancelled() -> None:
-    """Honour a cancellation a client library swallowed (``asyncio.wait_for`` before 3.12)."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _positive_int(options: dict[str, Any], key: str) -> None:
