@@ -45,8 +45,8 @@ from types import FrameType
 from typing import Any
 
 import httpx
-from bench import PROBE_FLOW, send_steady, start_cluster, summary_ms, wait_lines
 
+from benchmarks.common import PROBE_FLOW, send_steady, start_cluster, summary_ms, wait_lines
 from cluster.prefect_server import PrefectServer, tail
 from cluster.runtime import prefect_template_db
 

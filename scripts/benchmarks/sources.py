@@ -44,9 +44,9 @@ from types import FrameType
 from typing import Any
 
 import yaml
-from bench import summary_ms
 
 from benchmarks._sources_publishers import SOURCES, Source
+from benchmarks.common import summary_ms
 from cluster.config import load_config
 from cluster.runtime import LocalCluster
 
