@@ -66,7 +66,7 @@ class BatchDelivery:
             return False
         members: list[Event] = []
         while queue and len(members) < batch.max_events:
-            ev = queue.popleft()
+            ev = self._take(fkey)
             if ev.key not in self._inflight and all(m.key != ev.key for m in members):
                 members.append(ev)
         if queue:

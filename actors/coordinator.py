@@ -60,6 +60,12 @@ class TenantPolicy:
     name: str
     max_concurrent_runs: int = 8
     max_events_per_second: int = 1000
+    max_pending_runs: int = 100_000
+
+
+# Events of one flow held in memory, ready to dispatch; a longer backlog waits in the ledger
+# (it is durable there already) and is paged back in as the queue drains.
+QUEUE_WINDOW = 2_000
 
 
 class Coordinator(BatchDelivery):
@@ -72,6 +78,7 @@ class Coordinator(BatchDelivery):
         *,
         worker_concurrency: int = 16,
         rng: Callable[[], float] = random.random,
+        queue_window: int = QUEUE_WINDOW,
     ) -> None:
         if not workers:
             raise ValueError("a coordinator needs at least one worker")
@@ -83,8 +90,14 @@ class Coordinator(BatchDelivery):
         self._rng = rng
         self._buckets = {t.name: TokenBucket(t.max_events_per_second) for t in tenants}
         self._queues: dict[FlowKey, deque[Event]] = {k: deque() for k in self.flows}
-        self._order: list[FlowKey] = list(self.flows)
-        self._rr = 0
+        # Flows with queued events, in round-robin order (a dict is an ordered set): the
+        # dispatcher looks only at these, so 10,000 idle flows cost nothing per dispatch.
+        self._ready: dict[FlowKey, None] = {}
+        self.queue_window = max(queue_window, *(f.batch.max_events for f in flows if f.batch), 1)
+        self._spilled: dict[FlowKey, int] = {}  # flow → pending events only in the ledger
+        self._spill_epoch: dict[FlowKey, int] = {}
+        self._refilling: set[FlowKey] = set()
+        self._backlog: dict[str, int] = {}  # tenant → accepted events not yet dispatched
         self._paused: set[FlowKey] = set()
         self._inflight: dict[RunKey, asyncio.Task[None]] = {}
         self._tenant_running: dict[str, int] = dict.fromkeys(self.tenants, 0)
@@ -105,8 +118,14 @@ class Coordinator(BatchDelivery):
                 return
             self._paused = set(await self.ledger.paused())
             now = time.time()
+            # Pending events stay in the ledger and are paged in by ``_refill``.
+            for fkey, counts in (await self.ledger.counts()).items():
+                waiting = counts.runs.get("pending", 0)
+                if waiting and fkey in self.flows:
+                    self._spill(fkey, waiting)
+                    self._backlog[fkey[0]] = self._backlog.get(fkey[0], 0) + waiting
             running_batches: dict[str, list[RunRecord]] = {}
-            for rec in await self.ledger.open_runs():
+            for rec in await self.ledger.open_runs(include_pending=False):
                 if rec.state.value == "running" and rec.batch:
                     running_batches.setdefault(rec.batch, []).append(rec)
                 else:
@@ -114,6 +133,8 @@ class Coordinator(BatchDelivery):
             for bid, recs in running_batches.items():
                 self._restore_batch(bid, recs)
             self._started = True
+        for fkey in list(self._spilled):
+            self._maybe_refill(fkey)
         self._pump()
 
     def _restore(self, rec: RunRecord, now: float) -> None:
@@ -121,9 +142,7 @@ class Coordinator(BatchDelivery):
         if ev.key[:2] not in self.flows:
             log.warning("ledger holds a run of unconfigured flow %s/%s; left alone", *ev.key[:2])
             return
-        if rec.state.value == "pending":
-            self._enqueue(ev)
-        elif rec.state.value == "failed":
+        if rec.state.value == "failed":
             self._schedule_retry(ev, max(0.0, (rec.next_at or now) - now))
         else:  # running when the previous coordinator died: re-send, same worker and attempt
             worker = rec.worker if rec.worker is not None and rec.worker < len(self.workers) else 0
@@ -153,6 +172,7 @@ class Coordinator(BatchDelivery):
             "pid": os.getpid(),
             "inflight": len(self._inflight),
             "queued": sum(len(q) for q in self._queues.values()),
+            "backlog": sum(self._backlog.values()),
         }
 
     # -- intake -------------------------------------------------------------------------
@@ -172,15 +192,21 @@ class Coordinator(BatchDelivery):
             else:
                 claimable.append(i)
                 wanted[ev.tenant] = wanted.get(ev.tenant, 0) + 1
-        granted = {t: self._bucket(t).take(n) for t, n in wanted.items()}
+        # Workers saturated: a tenant whose backlog is full is told ``busy`` (the host keeps
+        # the events unacked and reads its source more slowly; the ingress answers 429).
+        # Checked per batch (a batch may overshoot the bound by its own size): duplicates,
+        # which cost no backlog, are only known once claimed.
+        room = {t: n if self._has_room(t) else 0 for t, n in wanted.items()}
+        granted = {t: self._bucket(t).take(n) for t, n in room.items()}
+        seen: dict[str, int] = {}
         to_claim: list[int] = []
         for i in claimable:
             tenant = events[i].tenant
-            if granted[tenant] > 0:
-                granted[tenant] -= 1
+            k = seen[tenant] = seen.get(tenant, 0) + 1
+            if k <= granted[tenant]:
                 to_claim.append(i)
             else:
-                outcomes[i] = "throttled"
+                outcomes[i] = "throttled" if k <= room[tenant] else "busy"
         if rejections:
             await self.ledger.reject([_rejection_record(r) for r in rejections])
         new = await self.ledger.claim([events[i] for i in to_claim])
@@ -191,6 +217,10 @@ class Coordinator(BatchDelivery):
         self._pump()
         return outcomes
 
+    def _has_room(self, tenant: str) -> bool:
+        policy = self.tenants.get(tenant) or TenantPolicy(tenant)
+        return self._backlog.get(tenant, 0) < policy.max_pending_runs
+
     def _bucket(self, tenant: str) -> TokenBucket:
         bucket = self._buckets.get(tenant)
         if bucket is None:  # a tenant without a policy gets the default quota
@@ -198,12 +228,71 @@ class Coordinator(BatchDelivery):
         return bucket
 
     # -- dispatch -----------------------------------------------------------------------
-    def _enqueue(self, ev: Event) -> None:
+    def _enqueue(self, ev: Event, *, in_memory: bool = False) -> None:
+        """Queue a pending event. Past the flow's window it stays only in the ledger (it is
+        durable there) unless ``in_memory``: a retry is ``failed`` in the ledger, where
+        ``pending`` paging would not find it."""
         fkey = ev.key[:2]
         queue = self._queues[fkey]
+        self._backlog[ev.tenant] = self._backlog.get(ev.tenant, 0) + 1
+        if not in_memory and (fkey in self._spilled or len(queue) >= self.queue_window):
+            self._spill(fkey, 1)
+            return
         if not queue:
             self._queued_at[fkey] = time.monotonic()
+            self._ready[fkey] = None
         queue.append(ev)
+
+    def _take(self, fkey: FlowKey) -> Event:
+        """The next queued event of ``fkey`` (the caller checked the queue is not empty)."""
+        queue = self._queues[fkey]
+        ev = queue.popleft()
+        self._backlog[ev.tenant] -= 1
+        if not queue:
+            self._ready.pop(fkey, None)
+        self._maybe_refill(fkey)
+        return ev
+
+    def _spill(self, fkey: FlowKey, n: int) -> None:
+        self._spilled[fkey] = self._spilled.get(fkey, 0) + n
+        self._spill_epoch[fkey] = self._spill_epoch.get(fkey, 0) + 1
+
+    def _maybe_refill(self, fkey: FlowKey) -> None:
+        if (
+            fkey in self._spilled
+            and fkey not in self._refilling
+            and len(self._queues[fkey]) <= self.queue_window // 2
+            and not self._stopping
+        ):
+            self._refilling.add(fkey)
+            asyncio.get_running_loop().create_task(self._refill(fkey))
+
+    async def _refill(self, fkey: FlowKey) -> None:
+        """Page a spilled flow's oldest pending events from the ledger into its queue."""
+        try:
+            queue = self._queues[fkey]
+            epoch = self._spill_epoch.get(fkey, 0)
+            limit = len(queue) + self.queue_window
+            rows = await self.ledger.pending(fkey[0], fkey[1], limit)
+            have = {ev.key for ev in queue} | set(self._inflight)
+            fresh = [ev for ev in rows if ev.key not in have]
+            room = max(0, self.queue_window - len(queue))
+            for ev in fresh[:room]:
+                if not queue:
+                    self._queued_at[fkey] = time.monotonic()
+                    self._ready[fkey] = None
+                queue.append(ev)
+            moved = min(len(fresh), room)
+            if len(rows) < limit and moved == len(fresh) and epoch == self._spill_epoch.get(fkey):
+                # The ledger has nothing more for this flow beyond what is now in memory.
+                self._spilled.pop(fkey, None)
+            else:
+                self._spilled[fkey] = max(1, self._spilled.get(fkey, 0) - moved)
+        except Exception:
+            log.exception("paging pending events of %s/%s failed; retried on the next run", *fkey)
+        finally:
+            self._refilling.discard(fkey)
+        self._pump()
 
     def _pump(self) -> None:
         """Start as many queued runs as tenants' quotas and workers' capacity allow."""
@@ -212,16 +301,17 @@ class Coordinator(BatchDelivery):
         progress = True
         while progress:
             progress = False
-            n = len(self._order)
-            for step in range(n):
-                fkey = self._order[(self._rr + step) % n]
-                if not self._queues[fkey] or fkey in self._paused or self._tenant_full(fkey[0]):
+            for fkey in list(self._ready):  # one event per ready flow per round: fair
+                if fkey not in self._ready or fkey in self._paused or self._tenant_full(fkey[0]):
                     continue
                 worker = self._pick_worker()
                 if worker is None:
                     return
-                progress = self._dispatch(fkey, worker) or progress
-            self._rr = (self._rr + 1) % max(1, n)
+                if self._dispatch(fkey, worker):
+                    progress = True
+                    if fkey in self._ready:  # to the back of the round
+                        del self._ready[fkey]
+                        self._ready[fkey] = None
 
     def _tenant_full(self, tenant: str) -> bool:
         policy = self.tenants.get(tenant)
@@ -230,10 +320,9 @@ class Coordinator(BatchDelivery):
 
     def _dispatch(self, fkey: FlowKey, worker: int) -> bool:
         """Start one run of ``fkey`` (an event, or a batch once it is due); True if started."""
-        queue = self._queues[fkey]
         batch = self.flows[fkey].batch
         if batch is None:
-            ev = queue.popleft()
+            ev = self._take(fkey)
             if ev.key in self._inflight:
                 return False
             self._launch(ev, worker)
@@ -312,7 +401,7 @@ class Coordinator(BatchDelivery):
 
     def _retry_due(self, ev: Event) -> None:
         self._timers.pop(ev.key, None)
-        self._enqueue(ev)
+        self._enqueue(ev, in_memory=True)
         self._pump()
 
     # -- control ------------------------------------------------------------------------
@@ -333,6 +422,7 @@ class Coordinator(BatchDelivery):
         key = self._flow_key(tenant, flow)
         await self.ledger.set_paused(tenant, flow, False)
         self._paused.discard(key)
+        self._maybe_refill(key)
         self._pump()
 
     async def replay(self, event_ids: list[str] | None = None) -> list[str]:
@@ -361,7 +451,7 @@ class Coordinator(BatchDelivery):
                     "tenant": key[0],
                     "flow": key[1],
                     "paused": key in self._paused,
-                    "queued": len(self._queues[key]),
+                    "queued": len(self._queues[key]) + self._spilled.get(key, 0),
                     "events": c.events,
                     "rejected_by_reason": c.rejected_by_reason,
                     "runs": c.runs,

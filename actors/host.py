@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 CRASHES_BEFORE_FAILED = 5
 MAX_CLOCK_BACKOFF = 60.0
 THROTTLE_RETRY = 0.2
+MAX_BUSY_WAIT = 5.0
+RETRY_LATER = ("throttled", "busy")  # not stored: pushed again, the source stays unacked
 
 
 @dataclass(slots=True)
@@ -183,14 +185,21 @@ class ListenerHost:
             kept = [e for e in events if slot.filter.matches(e.to_dict())]
             slot.filtered += len(events) - len(kept)
             events = kept
+        busy_wait = THROTTLE_RETRY
         while events or rejections:
             outcomes = await self._push(events, rejections)
             rejections = []
-            events = [e for e, o in zip(events, outcomes, strict=True) if o == "throttled"]
+            retry = [(e, o) for e, o in zip(events, outcomes, strict=True) if o in RETRY_LATER]
+            events = [e for e, _ in retry]
             for o in outcomes:
                 if o.startswith("rejected:"):
                     log.warning("coordinator rejected an event of %s: %s", spec.key, o)
-            if events:
+            if any(o == "busy" for _, o in retry):
+                # Workers are saturated: hold the batch (unacked) and read the source more
+                # slowly, backing off while the backlog stays full.
+                await asyncio.sleep(busy_wait)
+                busy_wait = min(MAX_BUSY_WAIT, busy_wait * 2)
+            elif events:
                 await asyncio.sleep(THROTTLE_RETRY)
         slot.events += len(batch.events)
         if batch.events:

@@ -34,6 +34,8 @@ from actors.handles import CoordinatorHandle, SourceRejection
 
 log = logging.getLogger(__name__)
 
+BUSY_RETRY_AFTER = 2  # seconds a client is asked to wait while workers catch up
+
 
 class ControlHandle(Protocol):
     """The cluster's control surface (the supervisor implements it)."""
@@ -188,6 +190,13 @@ class Ingress:
             return JSONResponse({"id": event_id, "status": "duplicate"}, status_code=200)
         if outcome == "throttled":
             return _error(429, "tenant is over its events-per-second quota", **{"Retry-After": "1"})
+        if outcome == "busy":
+            return _error(
+                429,
+                "tenant's backlog of events waiting for a worker is full (max_pending_runs); "
+                "retry later",
+                **{"Retry-After": str(BUSY_RETRY_AFTER)},
+            )
         return _error(404 if outcome == "rejected:unknown_flow" else 400, outcome)
 
     async def _read_body(self, request: Request) -> bytes:

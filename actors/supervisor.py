@@ -61,7 +61,9 @@ class Supervisor:
         self.ping_timeout = ping_timeout
         self.misses_allowed = misses_allowed
         self.rehome_after_restarts = rehome_after_restarts
-        self._watches = {t.name: Watch(t) for t in [coordinator, *hosts, *others]}
+        # A sharded coordinator is watched shard by shard: each restarts on its own.
+        shards = getattr(coordinator, "shards", [coordinator])
+        self._watches = {t.name: Watch(t) for t in [*shards, *hosts, *others]}
         self._task: asyncio.Task[None] | None = None
 
     async def watch(self, target: PingHandle) -> None:

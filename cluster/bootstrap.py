@@ -7,7 +7,6 @@ test runs sharing one Ray, never collide.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import socket
@@ -21,6 +20,8 @@ from actors.batching import BatchPolicy
 from actors.clocks import ClockSpec
 from actors.coordinator import FlowPolicy, TenantPolicy
 from actors.ingress import TenantAuth
+from actors.ledger import shard_ledger_url
+from actors.sharding import CoordinatorShards, shard_of, split_share
 from actors.worker import FlowTarget
 from cluster.actors_remote import (
     CoordinatorActor,
@@ -60,7 +61,7 @@ class Deployment:
     """Handles of one running cluster's actors."""
 
     namespace: str
-    coordinator: RayCoordinatorHandle
+    coordinator: CoordinatorShards
     supervisor: RayHandle
     ingress: RayHandle
     hosts: list[RayHandle]
@@ -69,7 +70,12 @@ class Deployment:
     actors: list[Any] = field(default_factory=list)
 
     def all_handles(self) -> list[RayHandle]:
-        return [*self.hosts, self.ingress, self.supervisor, self.coordinator, *self.workers]
+        return [*self.hosts, self.ingress, self.supervisor, *self.coordinators, *self.workers]
+
+    @property
+    def coordinators(self) -> list[RayCoordinatorHandle]:
+        """The coordinator shards (one unless ``coordinator_shards`` says more)."""
+        return list(self.coordinator.shards)
 
 
 def _spawn(
@@ -90,6 +96,36 @@ def source_env(specs: list[ClockSpec]) -> dict[str, str]:
     return {
         k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in wanted
     }
+
+
+def shard_plan(config: ClusterConfig) -> list[tuple[str, list[FlowPolicy], list[TenantPolicy]]]:
+    """Each coordinator shard's name, flows and tenant policies. A flow belongs to the shard
+    of ``shard_of(tenant, flow)``; a tenant's concurrency and event-rate quotas are split
+    across the shards that hold its flows, in proportion to how many they hold."""
+    n = config.cluster.coordinator_shards
+    flows_of: list[list[FlowConfig]] = [[] for _ in range(n)]
+    for f in config.flows:
+        flows_of[shard_of(f.tenant, f.name, n)].append(f)
+    per_tenant = {
+        t.name: sum(1 for f in config.flows if f.tenant == t.name) for t in config.all_tenants()
+    }
+    plan = []
+    for i, flows in enumerate(flows_of):
+        tenants = []
+        for t in config.all_tenants():
+            mine = sum(1 for f in flows if f.tenant == t.name)
+            whole = per_tenant[t.name]
+            tenants.append(
+                TenantPolicy(
+                    t.name,
+                    split_share(t.quotas.max_concurrent_runs, mine, whole),
+                    split_share(t.quotas.max_events_per_second, mine, whole),
+                    split_share(t.quotas.max_pending_runs, mine, whole),
+                )
+            )
+        name = "coordinator" if n == 1 else f"coordinator-{i}"
+        plan.append((name, [flow_policy(f) for f in flows], tenants))
+    return plan
 
 
 def flow_policy(f: FlowConfig) -> FlowPolicy:
@@ -140,24 +176,36 @@ def deploy(
             runtime_env={"env_vars": worker_env},
         )
         workers.append(RayWorkerHandle(f"worker-{i}", actor, recipe=recipe))
-    coord_actor, coord_recipe = _spawn(
-        CoordinatorActor,
-        "coordinator",
-        ns,
-        config.ledger_url,
-        state_dir,
-        c.synchronous,
-        workers,
-        [flow_policy(f) for f in config.flows],
-        [
-            TenantPolicy(t.name, t.quotas.max_concurrent_runs, t.quotas.max_events_per_second)
-            for t in config.all_tenants()
-        ],
-        c.worker_concurrency,
-        max_task_retries=-1,
-    )
-    coordinator = RayCoordinatorHandle("coordinator", coord_actor, 30.0, coord_recipe)
-    host_coord = RayCoordinatorHandle("coordinator", coord_actor, HOST_SUBMIT_TIMEOUT)
+    shards = shard_plan(config)
+    coordinators: list[RayCoordinatorHandle] = []
+    actors_of_shards: list[Any] = []
+    for i, (name, flows, tenants) in enumerate(shards):
+        coord_actor, coord_recipe = _spawn(
+            CoordinatorActor,
+            name,
+            ns,
+            shard_ledger_url(config.ledger_url, i, len(shards)),
+            state_dir,
+            c.synchronous,
+            workers,
+            flows,
+            tenants,
+            max(1, -(-c.worker_concurrency // len(shards))),
+            max_task_retries=-1,
+        )
+        coordinators.append(RayCoordinatorHandle(name, coord_actor, 30.0, coord_recipe))
+        actors_of_shards.append(coord_actor)
+    coordinator = CoordinatorShards(coordinators)
+
+    def router(timeout: float) -> CoordinatorShards:
+        return CoordinatorShards(
+            [
+                RayCoordinatorHandle(name, actor, timeout)
+                for (name, _, _), actor in zip(shards, actors_of_shards, strict=True)
+            ]
+        )
+
+    host_coord = router(HOST_SUBMIT_TIMEOUT)
     host_specs: dict[str, list[ClockSpec]] = {}
     hosts = []
     specs = config.clock_specs()
@@ -196,7 +244,7 @@ def deploy(
         ns,
         [(f.tenant, f.name) for f in config.flows],
         [TenantAuth(t.name, config.token_for(t.name)) for t in config.all_tenants()],
-        RayCoordinatorHandle("coordinator", coord_actor, INGRESS_SUBMIT_TIMEOUT),
+        router(INGRESS_SUBMIT_TIMEOUT),
         supervisor,
         {
             "admin_token": admin_token,
@@ -213,7 +261,7 @@ def deploy(
 async def start_deployment(d: Deployment) -> None:
     """Start the actors in dependency order (each ``start`` is idempotent)."""
     await asyncio.gather(*(w.call("start") for w in d.workers))
-    await d.coordinator.call("start")
+    await asyncio.gather(*(c.call("start") for c in d.coordinators))
     await asyncio.gather(*(h.call("start") for h in d.hosts))
     await d.ingress.call("start")
     # The supervisor watches the ingress too, now that it is up.
@@ -236,8 +284,10 @@ async def stop_deployment(d: Deployment, drain_timeout: float = 30.0) -> None:
         d.supervisor.call("stop"),
     ]
     await asyncio.gather(*steps, return_exceptions=True)
-    with contextlib.suppress(Exception):
-        await d.coordinator.call("stop", drain_timeout, timeout=drain_timeout + 5)
+    await asyncio.gather(
+        *(c.call("stop", drain_timeout, timeout=drain_timeout + 5) for c in d.coordinators),
+        return_exceptions=True,
+    )
     await asyncio.gather(
         *(w.call("stop", 10.0, timeout=20.0) for w in d.workers), return_exceptions=True
     )

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from actors.errors import ListenerError
-from actors.ledger import FlowCounts, ledger_path
+from actors.ledger import FlowCounts, shard_paths
 from actors.ledger.sqlite import SQLiteLedger
 from cluster.config import ClusterConfig
 from cluster.runtime import pid_alive, read_state
@@ -95,31 +95,35 @@ class Client:
         return f.tenant, f.name
 
     # -- offline: read the ledger in the state dir --------------------------------------
-    def _ledger(self) -> SQLiteLedger | None:
+    def _ledgers(self) -> list[SQLiteLedger]:
+        """The SQLite file of every coordinator shard that has one."""
         url = self.config.ledger_url
         if not url.startswith("sqlite"):
-            return None
-        path = ledger_path(url, self.config.state_path)
-        return SQLiteLedger(path) if path.exists() else None
+            return []
+        shards = self.config.cluster.coordinator_shards
+        return [
+            SQLiteLedger(p) for p in shard_paths(url, self.config.state_path, shards) if p.exists()
+        ]
 
     async def _offline_runs(
         self, tenant: str | None, flow: str | None, state: str | None
     ) -> list[dict[str, Any]]:
-        ledger = self._ledger()
-        if ledger is None:
-            return []
-        try:
-            return [r.to_dict() for r in await ledger.runs(tenant, flow, state, 100_000)]
-        finally:
-            await ledger.close()
+        rows: list[dict[str, Any]] = []
+        for ledger in self._ledgers():
+            try:
+                rows.extend(r.to_dict() for r in await ledger.runs(tenant, flow, state, 100_000))
+            finally:
+                await ledger.close()
+        rows.sort(key=lambda r: (-(r.get("created") or 0.0), r["event_id"]))
+        return rows
 
     async def _offline_status(self) -> dict[str, Any]:
-        ledger = self._ledger()
-        counts = {}
+        counts: dict[tuple[str, str], FlowCounts] = {}
         paused: set[tuple[str, str]] = set()
-        if ledger is not None:
+        for ledger in self._ledgers():  # shards own disjoint flows: a plain union
             try:
-                counts, paused = await ledger.counts(), await ledger.paused()
+                counts.update(await ledger.counts())
+                paused.update(await ledger.paused())
             finally:
                 await ledger.close()
         flows = []

@@ -135,6 +135,9 @@ class Quotas(_Model):
     max_listeners: PosInt = 1000
     max_concurrent_runs: PosInt = 8
     max_events_per_second: PosInt = 1000
+    # Events accepted but not yet started (workers saturated). Beyond it the tenant's sources
+    # are read more slowly and its webhooks answer 429 with Retry-After; nothing is dropped.
+    max_pending_runs: PosInt = 100_000
 
 
 class Tenant(_Model):

@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from actors.errors import ListenerError
+from actors.ledger import check_shard_layout
 from cluster.bootstrap import (
     Deployment,
     clock_states,
@@ -108,6 +109,8 @@ class LocalCluster:
                 + ", ".join(missing)
                 + " (a tenant with token_env accepts only authenticated requests)"
             )
+        c = self.config
+        check_shard_layout(c.ledger_url, c.state_path, c.cluster.coordinator_shards)
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._write("starting")
         try:
@@ -235,8 +238,9 @@ class LocalCluster:
     def call(self, actor: str, method: str, *args: Any, timeout: float = 30.0) -> Any:
         """Call a method of one of the cluster's actors (tests and benchmarks)."""
         assert self.deployment is not None
-        handle = {h.name: h for h in self.deployment.all_handles()}[actor]
-        return self._run(handle.call(method, *args), timeout)
+        handles: dict[str, Any] = {h.name: h for h in self.deployment.all_handles()}
+        handles["coordinator"] = self.deployment.coordinator  # all shards, routed and merged
+        return self._run(handles[actor].call(method, *args), timeout)
 
     def _write(self, state: str, error: str | None = None) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

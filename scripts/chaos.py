@@ -166,7 +166,7 @@ class Chaos:
     def kill_loop(self) -> None:
         lo, hi = (float(x) for x in self.args.kill_every.split("-"))
         d = self.cluster.deployment
-        targets = {"host": d.hosts, "coordinator": [d.coordinator], "worker": d.workers}
+        targets = {"host": d.hosts, "coordinator": d.coordinators, "worker": d.workers}
         # Every (kind, method) pair in turn, shuffled per round: several kills of each kind.
         plan: list[tuple[str, str]] = []
         while not self.stop.wait(random.uniform(lo, hi)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from actors.errors import LedgerError
@@ -23,8 +24,11 @@ __all__ = [
     "RunRecord",
     "RunState",
     "SQLiteLedger",
+    "check_shard_layout",
     "ledger_path",
     "open_ledger",
+    "shard_ledger_url",
+    "shard_paths",
 ]
 
 
@@ -46,3 +50,41 @@ def open_ledger(url: str, state_dir: Path, synchronous: str = "normal") -> Ledge
         f"ledger backend {scheme!r} is not available in this build; use 'sqlite' "
         "(Redis and PostgreSQL ledgers are planned for multi-node clusters)"
     )
+
+
+def shard_ledger_url(url: str, shard: int, shards: int) -> str:
+    """The ledger of one coordinator shard. One shard keeps the plain file; with ``n`` shards,
+    shard ``i`` of a SQLite ledger lives beside it as ``<name>.shard<i>of<n>.db``."""
+    if shards <= 1 or not url.startswith("sqlite:///"):
+        return url
+    path = Path(url.removeprefix("sqlite:///"))
+    return f"sqlite:///{path.with_name(f'{path.stem}.shard{shard}of{shards}{path.suffix}')}"
+
+
+def shard_paths(url: str, state_dir: Path, shards: int) -> list[Path]:
+    return [ledger_path(shard_ledger_url(url, i, shards), state_dir) for i in range(shards)]
+
+
+def check_shard_layout(url: str, state_dir: Path, shards: int) -> None:
+    """Refuse to start over a SQLite ledger written with a different ``coordinator_shards``:
+    flows would hash to other shards, whose files do not hold their idempotency keys, and
+    events already run would run again."""
+    if not (url == "sqlite" or url.startswith("sqlite:///")):
+        return
+    base = ledger_path(url, state_dir)
+    pattern = re.compile(rf"^{re.escape(base.stem)}\.shard\d+of(\d+){re.escape(base.suffix)}$")
+    found = set()
+    if base.parent.is_dir():
+        for f in base.parent.iterdir():
+            m = pattern.match(f.name)
+            if m:
+                found.add(int(m.group(1)))
+    if base.exists():
+        found.add(1)
+    other = sorted(found - {shards})
+    if other:
+        raise LedgerError(
+            f"the ledger in {base.parent} was written with coordinator_shards={other[0]}, "
+            f"the config asks for {shards}: flows would move to shards that do not hold "
+            "their event ids. Keep coordinator_shards, or start with a new state_dir."
+        )

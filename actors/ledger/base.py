@@ -123,7 +123,12 @@ class Ledger(Protocol):
     async def finish(self, results: list[Finish]) -> list[bool]:
         """Record outcomes of running attempts; False where the attempt was stale."""
 
-    async def open_runs(self) -> list[RunRecord]: ...
+    async def open_runs(self, include_pending: bool = True) -> list[RunRecord]: ...
+
+    async def pending(self, tenant: str, flow: str, limit: int) -> list[Event]:
+        """The oldest ``limit`` pending events of one flow (the coordinator pages its
+        in-memory queue from here when a backlog outgrew it)."""
+        ...
 
     async def runs(
         self,

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS runs (
     PRIMARY KEY (tenant, flow, event_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS runs_open ON runs(state) WHERE state IN ('pending','running','failed');
+CREATE INDEX IF NOT EXISTS runs_pending ON runs(tenant, flow, created) WHERE state = 'pending';
 CREATE TABLE IF NOT EXISTS counters (
     tenant TEXT NOT NULL, flow TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (tenant, flow, name)
@@ -259,12 +260,21 @@ class SQLiteLedger:
         return [Event.from_wire(msgpack.unpackb(r[0], raw=False)) for r in rows]
 
     # -- reads --------------------------------------------------------------------------
-    async def open_runs(self) -> list[RunRecord]:
+    async def open_runs(self, include_pending: bool = True) -> list[RunRecord]:
+        states = "('pending', 'running', 'failed')" if include_pending else "('running', 'failed')"
         rows = self._db.execute(
-            f"SELECT {RUN_COLUMNS} FROM runs WHERE state IN ('pending', 'running', 'failed') "
-            "ORDER BY created"
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE state IN {states} ORDER BY created"
         ).fetchall()
         return [_record(r) for r in rows]
+
+    async def pending(self, tenant: str, flow: str, limit: int) -> list[Event]:
+        """The oldest ``limit`` events of a flow still waiting for their first start."""
+        rows = self._db.execute(
+            "SELECT event FROM runs WHERE tenant = ? AND flow = ? AND state = 'pending' "
+            "ORDER BY created, event_id LIMIT ?",
+            (tenant, flow, limit),
+        ).fetchall()
+        return [Event.from_wire(msgpack.unpackb(r[0], raw=False)) for r in rows]
 
     async def runs(
         self,

@@ -189,7 +189,7 @@ def test_coordinator_killed_mid_stream_loses_nothing_and_runs_nothing_twice(make
     n = 150
     for i in range(n):
         if i == 50:
-            ray.kill(c.cluster.deployment.coordinator.actor, no_restart=False)
+            ray.kill(c.cluster.deployment.coordinators[0].actor, no_restart=False)
         r = c.post_retrying("ingest", {"id": f"k-{i}", "payload": {"i": i}})
         assert r.status_code in (200, 202)
     wait_until(lambda: c.completed() == n, timeout=90, what=f"{n} runs")

@@ -175,6 +175,7 @@ def make_coordinator(
     retries: int = 3,
     retry_delay: float = 0.01,
     worker_concurrency: int = 16,
+    queue_window: int | None = None,
 ) -> Coordinator:
     """A coordinator over a SQLite ledger at ``db`` with flow ``acme/ingest`` by default."""
     return Coordinator(
@@ -184,6 +185,7 @@ def make_coordinator(
         tenants or [TenantPolicy("acme")],
         worker_concurrency=worker_concurrency,
         rng=no_jitter,
+        **({} if queue_window is None else {"queue_window": queue_window}),
     )
 
 

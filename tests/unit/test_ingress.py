@@ -255,6 +255,21 @@ async def test_throttled_event_is_429_with_retry_after() -> None:
     assert response.headers["retry-after"] == "1"
 
 
+class BusyCoordinator:
+    async def submit(
+        self, events: list[Event], rejections: list[SourceRejection] | None = None
+    ) -> list[str]:
+        return ["busy"] * len(events)
+
+
+async def test_full_backlog_is_429_with_a_longer_retry_after() -> None:
+    async with client_for(make_ingress(BusyCoordinator())) as c:
+        response = await c.post(OPEN, json={"id": "e1", "payload": {}})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "2"
+    assert "max_pending_runs" in response.json()["error"]
+
+
 async def test_ingress_counts_its_answers(client: httpx.AsyncClient, ingress: Ingress) -> None:
     await client.post(OPEN, json={"id": "e1", "payload": {}})
     await client.post(OPEN, json={"id": "e1", "payload": {}})
