@@ -61,6 +61,7 @@ RUN_COLUMNS = (
     "prefect_flow_run_id, created, updated, batch"
 )
 MAX_REJECTIONS_KEPT = 10_000
+CLAIM_LOOKUP_CHUNK = 500  # ids per ``IN (...)`` lookup, well under SQLite's variable limit
 
 
 def _pack(event: Event) -> bytes:
@@ -101,39 +102,69 @@ class SQLiteLedger:
 
     # -- claims -------------------------------------------------------------------------
     async def claim(self, events: list[Event]) -> list[bool]:
+        """Insert-if-absent, one transaction per batch: which events are new.
+
+        Per flow, one ``SELECT ... IN`` finds the ids already known, then one ``executemany``
+        inserts the rest (repeats inside the batch count as duplicates). ``BEGIN IMMEDIATE``
+        takes the write lock first, so nothing can slip in between the two.
+        """
         if not events:
             return []
         now = time.time()
         db = self._db
-        new: list[bool] = []
-        tally: dict[tuple[str, str], list[int]] = {}
+        new = [False] * len(events)
+        by_flow: dict[tuple[str, str], list[int]] = {}
+        for i, e in enumerate(events):
+            by_flow.setdefault((e.tenant, e.flow), []).append(i)
         db.execute("BEGIN IMMEDIATE")
         try:
-            for e in events:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO runs (tenant, flow, event_id, event, state, created, "
-                    "updated) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-                    (e.tenant, e.flow, e.id, _pack(e), now, now),
-                )
-                is_new = cur.rowcount == 1
-                new.append(is_new)
-                t = tally.setdefault((e.tenant, e.flow), [0, 0])
-                t[0 if is_new else 1] += 1
-            for (tenant, flow), (accepted, duplicate) in tally.items():
-                self._bump(tenant, flow, "seen", accepted + duplicate)
+            rows: list[tuple[str, str, str, bytes, float, float]] = []
+            for (tenant, flow), positions in by_flow.items():
+                taken = self._known(tenant, flow, {events[i].id for i in positions})
+                accepted = 0
+                for i in positions:
+                    e = events[i]
+                    if e.id not in taken:
+                        taken.add(e.id)
+                        new[i] = True
+                        accepted += 1
+                        rows.append((tenant, flow, e.id, _pack(e), now, now))
+                self._bump(tenant, flow, "seen", len(positions))
                 self._bump(tenant, flow, "accepted", accepted)
-                self._bump(tenant, flow, "duplicate", duplicate)
+                self._bump(tenant, flow, "duplicate", len(positions) - accepted)
                 db.execute(
                     "INSERT INTO flows (tenant, flow, last_event_at) VALUES (?, ?, ?) "
                     "ON CONFLICT (tenant, flow) DO UPDATE SET "
                     "last_event_at = excluded.last_event_at",
                     (tenant, flow, now),
                 )
+            db.executemany(
+                "INSERT INTO runs (tenant, flow, event_id, event, state, created, updated) "
+                "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+                rows,
+            )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return new
+
+    def _known(self, tenant: str, flow: str, ids: set[str]) -> set[str]:
+        """Which of ``ids`` the ledger already holds for ``tenant/flow``."""
+        found: set[str] = set()
+        pending = list(ids)
+        for start in range(0, len(pending), CLAIM_LOOKUP_CHUNK):
+            chunk = pending[start : start + CLAIM_LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                row[0]
+                for row in self._db.execute(
+                    "SELECT event_id FROM runs WHERE tenant = ? AND flow = ? "
+                    f"AND event_id IN ({marks})",
+                    (tenant, flow, *chunk),
+                )
+            )
+        return found
 
     def _bump(self, tenant: str, flow: str, name: str, by: int) -> None:
         if by:
