@@ -339,14 +339,17 @@ async def _filtered(host: ListenerHost) -> dict[str, Any] | None:
 class BusyCoordinator:
     """Answers ``busy`` for the first ``busy_for`` submits, then passes through."""
 
-    def __init__(self, inner: Coordinator, busy_for: int) -> None:
+    def __init__(self, inner: Coordinator, busy_for: int, state_dir: Path) -> None:
         self.inner = inner
         self.busy_for = busy_for
+        self.state_dir = state_dir
         self.calls = 0
+        self.acked_while_busy: list[dict[str, str]] = []
 
     async def submit(self, events: list[Any], rejections: list[Any] | None = None) -> list[str]:
         self.calls += 1
         if self.calls <= self.busy_for:
+            self.acked_while_busy.append(cursor_files(self.state_dir))
             return ["busy"] * len(events)
         return await self.inner.submit(events, rejections)
 
@@ -355,12 +358,11 @@ async def test_busy_coordinator_holds_the_batch_unacked_and_backs_off(
     inbox: Path, state_dir: Path, coord: Coordinator, sleeps: SleepRecorder
 ) -> None:
     (inbox / "a.json").write_text("{}")
-    busy = BusyCoordinator(coord, busy_for=3)
+    busy = BusyCoordinator(coord, busy_for=3, state_dir=state_dir)
     async with hosting([directory_spec(inbox)], state_dir, busy):
-        await wait_for(lambda: busy.calls >= 3)
-        assert cursor_files(state_dir) == {}  # not acked while the backlog is full
         await wait_for(all_in_state(coord, 1, "completed"))
         await wait_for(lambda: str(inbox / "a.json") in cursor_files(state_dir))
     assert busy.calls == 4
+    assert busy.acked_while_busy == [{}, {}, {}]  # not acked while the backlog is full
     base = host_module.THROTTLE_RETRY
     assert sleeps.sleeps == [base, base * 2, base * 4]
