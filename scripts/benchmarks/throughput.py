@@ -23,9 +23,12 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duplicates", type=float, default=0.1, help="share of re-sent ids")
     parser.add_argument("--dispatch-seconds", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the coordinator shards during ingest; top functions go into the JSON",
+    )
+
+
+class Profiler:
+    """``py-spy record`` of some processes until stopped; then the top self-time frames."""
+
+    def __init__(self, pids: dict[str, int], out_dir: Path) -> None:
+        self.files = {name: out_dir / f"{name}.txt" for name in pids}
+        self.procs = [
+            subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "-p",
+                    str(pid),
+                    "-r",
+                    "250",
+                    "-d",
+                    "3600",
+                    "-f",
+                    "raw",
+                    "--nonblocking",
+                    "-o",
+                    str(self.files[name]),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for name, pid in pids.items()
+        ]
+        time.sleep(0.5)  # attached before the load starts
+
+    def stop(self, top: int = 12) -> dict[str, Any]:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in self.procs:
+            proc.wait(timeout=60)
+        return {name: top_frames(path, top) for name, path in self.files.items()}
+
+
+def top_frames(path: Path, top: int) -> dict[str, Any]:
+    """Self time per leaf frame and time per frame anywhere on the stack (our code only)."""
+    leaf: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += n
+        leaf[_short(frames[-1])] += n
+        for f in {_short(f) for f in frames if "/actors/" in f or "/cluster/" in f}:
+            inclusive[f] += n
+    share = lambda c: [  # noqa: E731
+        {"frame": f, "share": round(k / total, 3)} for f, k in c.most_common(top)
+    ]
+    return {"samples": total, "self": share(leaf), "inclusive_ours": share(inclusive)}
+
+
+def _short(frame: str) -> str:
+    """``func (path/to/module.py:12)`` → ``func (module.py)``."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({Path(where.split(':')[0]).name})" if where else name
 
 
 class GeneratorClock(EventClock):
@@ -223,6 +297,10 @@ def one_shard_count(args: argparse.Namespace, shards: int) -> dict[str, Any]:
             sent_per_flow = per_flow + sum(
                 int(args.batch * args.duplicates) for _ in range(1, -(-per_flow // args.batch))
             )
+            profiler = None
+            if args.profile:
+                pids = {h.name: ray.get(h.actor.ping.remote())["pid"] for h in d.coordinators}
+                profiler = Profiler(pids, root)
             t0 = time.perf_counter()
             results = ray.get(
                 [
@@ -231,6 +309,7 @@ def one_shard_count(args: argparse.Namespace, shards: int) -> dict[str, Any]:
                 ]
             )
             wall = time.perf_counter() - t0
+            profile = profiler.stop() if profiler else None
             for p in producers:
                 ray.kill(p)
             status = cluster.call("coordinator", "status", timeout=120)["flows"]
@@ -256,6 +335,7 @@ def one_shard_count(args: argparse.Namespace, shards: int) -> dict[str, Any]:
         "ingest_events_per_s": round(seen / wall),
         "new_events_per_s": round(accepted / wall),
         "dispatched_runs_per_s": round((after - before) / (t2 - t1), 1),
+        **({"profile": profile} if profile else {}),
     }
 
 
