@@ -197,8 +197,20 @@ def machine_busy_s() -> float:
     return (sum(fields[:8]) - idle) / CLK_TCK
 
 
-def cpu_seconds() -> dict[int, float]:
-    return {pid: _cpu_s(pid) for pid in session_pids()}
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Per process of the session: its kind (``_role``) and CPU seconds so far."""
+    return {pid: (_role(_comm(pid)), _cpu_s(pid)) for pid in session_pids()}
+
+
+def cpu_by_kind(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], window: float
+) -> dict[str, float]:
+    """CPU percent (of one core) each kind of process used between two ``cpu_seconds``."""
+    kinds: dict[str, float] = {}
+    for pid, (kind, cpu) in after.items():
+        used = max(0.0, cpu - before.get(pid, (kind, 0.0))[1])
+        kinds[kind] = kinds.get(kind, 0.0) + used
+    return {k: round(100 * v / window, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
 
 
 # -- the config ------------------------------------------------------------------------------
@@ -351,7 +363,8 @@ def measure(n: int, args: argparse.Namespace, stream_share: float) -> dict[str, 
                 samples.append(memory_sample())
             cpu1, busy1, t1 = cpu_seconds(), machine_busy_s(), time.time()
             window = t1 - t0
-            cpu_used = sum(max(0.0, c - cpu0.get(pid, 0.0)) for pid, c in cpu1.items())
+            by_kind = cpu_by_kind(cpu0, cpu1, window)
+            cpu_used = sum(by_kind.values()) * window / 100
             want = expected_ticks(offsets, every, t0, t1)
             in_window: list[dict[str, Any]] = []
             grace_end = time.time() + (args.grace if want else 0)
@@ -397,6 +410,7 @@ def measure(n: int, args: argparse.Namespace, stream_share: float) -> dict[str, 
         "window_s": round(window, 1),
         "cpu_seconds": round(cpu_used, 1),
         "cpu_percent": round(100 * cpu_used / window, 1),
+        "cpu_percent_by_process_kind": by_kind,
         # everything else on the machine over the window (other benchmarks skew the figures)
         "other_cpu_percent": round(100 * max(0.0, busy1 - busy0 - cpu_used) / window, 1),
         "ticks_expected": want,
