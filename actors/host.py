@@ -7,11 +7,17 @@ per thousand. A clock acks its source only after the coordinator confirmed the b
 until then the batch stays in the outbox and is resent (same ids) when the coordinator is
 unavailable. A clock that crashes is restarted with backoff; one that keeps crashing is marked
 ``failed`` with its last error and retried slowly, never in a hot loop.
+
+Once its clocks have started, a host moves them out of the cyclic garbage collector's reach
+(``gc.freeze``; ``freeze_gc``). They live as long as the host, and a full collection would
+otherwise walk every one of them: 100-300 ms pauses at 5,000 clocks, during which no clock
+ticks on time. Reference counting still frees them when they go.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -32,6 +38,8 @@ MAX_CLOCK_BACKOFF = 60.0
 THROTTLE_RETRY = 0.2
 MAX_BUSY_WAIT = 5.0
 RETRY_LATER = ("throttled", "busy")  # not stored: pushed again, the source stays unacked
+#: longest wait for every clock to leave ``starting`` before freezing the GC anyway
+FREEZE_SETTLE_TIMEOUT = 30.0
 
 
 @dataclass(slots=True)
@@ -54,17 +62,22 @@ class ClockSlot:
     last_event_at: float | None = None
     filter: EventFilter | None = None
 
-    def describe(self) -> dict[str, Any]:
+    def state_and_error(self) -> tuple[str, str | None]:
         clock = self.clock
         if clock is not None and clock.state != "starting":
             # A running clock speaks for itself, even after earlier crashes.
-            state, error = clock.state, clock.error
-        elif self.failed:
-            state, error = "failed", self.last_error
-        elif self.last_error is not None:
-            state, error = "degraded", self.last_error  # crashed; restarting with backoff
-        else:
-            state, error = "starting", None
+            return clock.state, clock.error
+        if self.failed:
+            return "failed", self.last_error
+        if self.last_error is not None:
+            return "degraded", self.last_error  # crashed; restarting with backoff
+        return "starting", None
+
+    def state(self) -> str:
+        return self.state_and_error()[0]
+
+    def describe(self) -> dict[str, Any]:
+        state, error = self.state_and_error()
         return {
             "tenant": self.spec.tenant,
             "flow": self.spec.flow,
@@ -85,10 +98,12 @@ class ListenerHost:
     state_dir: Path
     coordinator: CoordinatorHandle
     max_batch: int = 1000
+    freeze_gc: bool = True
     _slots: dict[str, ClockSlot] = field(default_factory=dict, init=False)
     _outbox: asyncio.Queue[_Push] | None = field(default=None, init=False)
     _pusher: asyncio.Task[None] | None = field(default=None, init=False)
     _started: bool = field(default=False, init=False)
+    _freezer: asyncio.Task[None] | None = field(default=None, init=False)
 
     async def start(self) -> None:
         """Start every clock (idempotent: a restarted host actor calls it again)."""
@@ -99,6 +114,7 @@ class ListenerHost:
         self._pusher = asyncio.create_task(self._push_loop(), name=f"{self.host_id}-pusher")
         for spec in self.specs:
             self._add(spec)
+        self._freeze_when_started()
 
     def _add(self, spec: ClockSpec) -> None:
         slot = ClockSlot(spec, filter=EventFilter.from_options(spec.options))
@@ -111,6 +127,29 @@ class ListenerHost:
             if spec.key not in self._slots:
                 self.specs.append(spec)
                 self._add(spec)
+        self._freeze_when_started()
+
+    def _freeze_when_started(self) -> None:
+        if not self.freeze_gc:
+            return
+        if self._freezer is not None:
+            self._freezer.cancel()
+        self._freezer = asyncio.create_task(self._freeze(), name=f"{self.host_id}-gc-freeze")
+
+    async def _freeze(self) -> None:
+        """Once no clock is ``starting`` (or after FREEZE_SETTLE_TIMEOUT): collect, freeze."""
+        for _ in range(round(FREEZE_SETTLE_TIMEOUT / 0.1)):
+            if not any(s.state() == "starting" for s in self._slots.values()):
+                break
+            await asyncio.sleep(0.1)
+        gc.collect()
+        gc.freeze()
+        log.info(
+            "%s: %d clocks started; %d objects frozen",
+            self.host_id,
+            len(self._slots),
+            gc.get_freeze_count(),
+        )
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Cancel every clock; a clock whose library swallows the cancellation is reported
@@ -122,18 +161,27 @@ class ListenerHost:
             _, stuck = await asyncio.wait(tasks, timeout=timeout)
             for task in stuck:
                 log.error("clock %s did not stop within %.0fs", task.get_name(), timeout)
-        if self._pusher:
-            self._pusher.cancel()
-            await asyncio.gather(self._pusher, return_exceptions=True)
+        for helper in (self._pusher, self._freezer):
+            if helper is not None:
+                helper.cancel()
+                await asyncio.gather(helper, return_exceptions=True)
         self._started = False
 
     async def ping(self) -> dict[str, Any]:
+        """The heartbeat: alive, and how many clocks are in each state (a summary, not every
+        clock: a host of thousands would otherwise ship thousands of dicts every beat;
+        :meth:`clocks` gives the full list on demand)."""
         await self.start()
+        states: dict[str, int] = {}
+        for slot in self._slots.values():
+            state = slot.state()
+            states[state] = states.get(state, 0) + 1
         return {
             "name": self.host_id,
             "time": time.time(),
             "pid": os.getpid(),
-            "clocks": [s.describe() for s in self._slots.values()],
+            "clock_count": len(self._slots),
+            "clock_states": states,
             "outbox": self._outbox.qsize() if self._outbox else 0,
         }
 

@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 class ClockHostHandle(PingHandle, Protocol):
     async def add_clocks(self, specs: list[ClockSpec]) -> None: ...
 
+    async def clocks(self) -> list[dict[str, Any]]: ...
+
+
+#: how long ``status`` waits for a host's clock list (10k clocks take well under a second)
+CLOCKS_TIMEOUT = 5.0
+
 
 @dataclass(slots=True)
 class Watch:
@@ -39,6 +45,7 @@ class Watch:
     last_ok: float = field(default_factory=time.time)
     last_error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    clocks: list[dict[str, Any]] = field(default_factory=list)  # a host's, as of the last status
 
 
 class Supervisor:
@@ -136,9 +143,10 @@ class Supervisor:
 
     # -- control surface ----------------------------------------------------------------
     def clocks(self) -> list[dict[str, Any]]:
+        """Every host's clocks as last fetched (heartbeats carry only per-state counts)."""
         out: list[dict[str, Any]] = []
         for name in self.hosts:
-            out.extend(self._watches[name].info.get("clocks", []))
+            out.extend(self._watches[name].clocks)
         return out
 
     def actors(self) -> list[dict[str, Any]]:
@@ -159,21 +167,21 @@ class Supervisor:
         async def one(name: str) -> None:
             w = self._watches[name]
             with contextlib.suppress(Exception):
-                w.info = await asyncio.wait_for(w.target.ping(1.0), 1.0)
+                w.clocks = await asyncio.wait_for(self.hosts[name].clocks(), CLOCKS_TIMEOUT)
 
         await asyncio.gather(*(one(n) for n in self.hosts))
 
     async def status(self) -> dict[str, Any]:
         await self.start()
         base, _ = await asyncio.gather(self.coordinator.status(), self._refresh_hosts())
-        clocks = self.clocks()
+        by_flow: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for c in self.clocks():
+            by_flow.setdefault((c["tenant"], c["flow"]), []).append(
+                {k: c[k] for k in ("name", "type", "state", "error", "events")}
+            )
         now = time.time()
         for f in base["flows"]:
-            mine = [
-                {k: c[k] for k in ("name", "type", "state", "error", "events")}
-                for c in clocks
-                if (c["tenant"], c["flow"]) == (f["tenant"], f["flow"])
-            ]
+            mine = by_flow.get((f["tenant"], f["flow"]), [])
             f["clocks"] = mine
             if f.pop("paused"):
                 f["state"] = "paused"

@@ -109,7 +109,7 @@ class ClusterSection(_Model):
     max_payload_bytes: PosInt = 1_048_576
     synchronous: Literal["normal", "full"] = "normal"
     coordinator_shards: PosInt = 1
-    clocks_per_host: PosInt = 500
+    clocks_per_host: PosInt = 5000  # a host process is ~110 MB; a clock 5-50 KB
     heartbeat_seconds: float = Field(default=2.0, gt=0)
 
     _check_ledger = field_validator("ledger")(check_ledger)

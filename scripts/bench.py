@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 BENCHMARKS = [
@@ -19,6 +20,7 @@ BENCHMARKS = [
     "sources",
     "ingress_server",
     "throughput",
+    "listeners",
 ]
 
 
@@ -32,7 +34,15 @@ def main() -> int:
         module.add_arguments(sub.add_parser(name, help=module.HELP))
         runners[name] = module.run
     args = parser.parse_args()
-    doc = runners[args.name](args)
+    # Ray's raylet and workers print warnings to the driver's stdout: keep stdout for the JSON.
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        doc = runners[args.name](args)
+    finally:
+        sys.stdout.flush()
+        os.dup2(real_stdout, 1)
+        os.close(real_stdout)
     json.dump(doc, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

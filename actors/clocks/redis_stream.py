@@ -7,7 +7,10 @@ goes in three phases, repeated after every reconnect:
    before a crash or a dropped reply comes back, with the same entry ids;
 2. ``XAUTOCLAIM`` of entries idle longer than ``claim_idle_ms`` in any consumer of the group
    (a dead consumer's), repeated every ``claim_idle_ms / 2`` while running;
-3. new entries (``XREADGROUP ... >``, blocking up to ``block_ms``).
+3. new entries (``XREADGROUP ... >``, blocking up to ``block_ms``). Each read blocks a random
+   50-100% of ``block_ms`` (an entry still returns it at once), so a host's idle clocks do
+   not wake in step: hundreds of them timing out together stall its event loop (and every
+   other clock's ticks) once a ``block_ms``.
 
 Entries are acknowledged (``XACK``) only in :meth:`RedisStreamClock.ack`, after the ledger holds
 them. An unreachable server makes the clock ``degraded``; it retries with capped backoff and
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -254,10 +258,14 @@ class RedisStreamClock(EventClock):
                 self.consumer,
                 {self.stream: ">"},
                 count=self.max_batch,
-                block=self.block_ms,
+                block=self.read_block_ms(),
             )
         )
         return self._batch(reply[0][1] if reply else [])
+
+    def read_block_ms(self) -> int:
+        """How long the next ``XREADGROUP ... >`` blocks: a random 50-100% of ``block_ms``."""
+        return max(1, round(self.block_ms * random.uniform(0.5, 1.0)))
 
     async def _ensure_group(self) -> None:
         assert self._client is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -67,7 +68,8 @@ def cursor_files(state_dir: Path, name: str = "inbox") -> dict[str, str]:
 async def hosting(
     specs: list[ClockSpec], state_dir: Path, coordinator: CoordinatorHandle
 ) -> AsyncIterator[ListenerHost]:
-    host = ListenerHost("host-0", list(specs), state_dir, coordinator)
+    # No gc.freeze() of the test process (test_gc_is_frozen_once_clocks_started covers it).
+    host = ListenerHost("host-0", list(specs), state_dir, coordinator, freeze_gc=False)
     await host.start()
     try:
         yield host
@@ -299,9 +301,30 @@ async def test_added_clocks_start_and_a_known_clock_is_not_added_twice(
         await host.add_clocks([directory_spec(inbox)])
         await wait_for(all_in_state(coord, 1, "completed"))
         info = await host.ping()
+        clocks = await host.clocks()
     assert info["name"] == "host-0"
-    assert [c["name"] for c in info["clocks"]] == ["inbox"]
+    # The heartbeat carries per-state counts only; the clock list comes from clocks().
+    assert info["clock_count"] == 1
+    assert info["clock_states"] == {"listening": 1}
+    assert "clocks" not in info
+    assert [c["name"] for c in clocks] == ["inbox"]
     assert len(host.specs) == 1
+
+
+async def test_gc_is_frozen_once_clocks_started(
+    inbox: Path, state_dir: Path, coord: Coordinator
+) -> None:
+    host = ListenerHost("host-0", [directory_spec(inbox)], state_dir, coord)
+    gc.unfreeze()
+    try:
+        await host.start()
+        assert host._freezer is not None
+        await asyncio.wait_for(host._freezer, 10)
+        assert (await clock_state(host, "inbox"))["state"] == "listening"
+        assert gc.get_freeze_count() > 0
+    finally:
+        await host.stop()
+        gc.unfreeze()
 
 
 async def test_clock_filter_drops_non_matching_events_and_counts_them(

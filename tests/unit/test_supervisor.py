@@ -25,7 +25,7 @@ class FakeTarget:
     ) -> None:
         self.name = name
         self.mode = mode
-        self.clocks = clocks or []
+        self.clock_list = clocks or []
         self.pings = 0
         self.restarts = 0
         self.fail_restart = False
@@ -38,7 +38,12 @@ class FakeTarget:
             raise Unavailable(f"{self.name} is dead")
         if self.mode == "hung":  # alive but stuck: the caller's timeout fires
             await asyncio.wait_for(asyncio.sleep(3600), timeout)
-        return {"name": self.name, "clocks": self.clocks}
+        return {"name": self.name, "clock_count": len(self.clock_list)}
+
+    async def clocks(self) -> list[dict[str, Any]]:
+        if self.mode == "dead":
+            raise Unavailable(f"{self.name} is dead")
+        return self.clock_list
 
     async def restart(self) -> None:
         self.restarts += 1
@@ -337,6 +342,25 @@ async def test_status_joins_coordinator_counts_with_host_clock_states(
     assert set(flows["ok"]["runs"]) == {"pending", "running", "completed", "failed", "dead"}
     assert flows["ok"]["last_event_age"] is None
     assert {a["name"] for a in status["actors"]} == {"coordinator", "host-0", "host-1"}
+
+
+async def test_status_keeps_the_last_clock_list_of_a_host_that_stops_answering(
+    supervise: Any, coord: Coordinator
+) -> None:
+    host = FakeTarget("host-0", clocks=[clock_info("ok", "inbox", "listening")])
+    s = supervise(coordinator=Named("coordinator", coord), hosts=[host])
+    await coord.submit([], [])
+    await s.check_once()  # a heartbeat alone: counts, no clock list
+    assert s.clocks() == []
+    assert [c["name"] for c in _flow(await s.status(), "ok")["clocks"]] == ["inbox"]
+    host.mode = "dead"
+    host.clock_list = []
+    assert [c["name"] for c in _flow(await s.status(), "ok")["clocks"]] == ["inbox"]
+
+
+def _flow(status: dict[str, Any], name: str) -> dict[str, Any]:
+    (flow,) = [f for f in status["flows"] if f["flow"] == name]
+    return flow
 
 
 async def test_status_shows_events_and_age_of_the_last_one(
