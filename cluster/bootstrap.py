@@ -36,7 +36,14 @@ from cluster.handles import ActorRecipe, RayCoordinatorHandle, RayHandle, RayWor
 INGRESS_SUBMIT_TIMEOUT = 5.0
 HOST_SUBMIT_TIMEOUT = 30.0
 # Actors hold no CPU: thousands of clocks share a few processes and flows run on threads.
-COMMON = {"num_cpus": 0, "lifetime": "detached", "max_restarts": -1}
+# Task events (the dashboard's per-call timeline) are off: at hundreds of runs/s they grow the
+# GCS by ~1.7 MB/s up to Ray's cap and cost every call a report.
+COMMON = {
+    "num_cpus": 0,
+    "lifetime": "detached",
+    "max_restarts": -1,
+    "enable_task_events": False,
+}
 
 
 def namespace_for(state_dir: Path) -> str:
