@@ -26,6 +26,7 @@ from typing import Any
 
 from actors.batching import BatchDelivery, BatchPolicy
 from actors.event import Event, unpack_events
+from actors.group_commit import GroupCommit
 from actors.handles import RunOutcome, SourceRejection, WorkerHandle
 from actors.ledger import Finish, FlowCounts, Ledger, RejectionRecord, RunRecord
 from actors.quota import TokenBucket
@@ -109,6 +110,9 @@ class Coordinator(BatchDelivery):
         self._started = False
         self._stopping = False
         self._start_lock = asyncio.Lock()
+        # Runs starting or finishing in the same loop turn share one ledger transaction.
+        self._start_run = GroupCommit(ledger.start_many)
+        self._finish_run = GroupCommit(ledger.finish)
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -272,9 +276,12 @@ class Coordinator(BatchDelivery):
         try:
             queue = self._queues[fkey]
             epoch = self._spill_epoch.get(fkey, 0)
-            limit = len(queue) + self.queue_window
+            # Rows still ``pending`` may be queued here or dispatched and not yet started
+            # (their start commits with the next group): ask for enough to get past them.
+            inflight = [k for k in self._inflight if k[:2] == fkey]
+            limit = len(queue) + len(inflight) + self.queue_window
             rows = await self.ledger.pending(fkey[0], fkey[1], limit)
-            have = {ev.key for ev in queue} | set(self._inflight)
+            have = {ev.key for ev in queue} | set(inflight)
             fresh = [ev for ev in rows if ev.key not in have]
             room = max(0, self.queue_window - len(queue))
             for ev in fresh[:room]:
@@ -344,7 +351,7 @@ class Coordinator(BatchDelivery):
     async def _run(self, ev: Event, worker: int, started: tuple[int, int] | None) -> None:
         try:
             if started is None:
-                started = await self.ledger.start(ev.key, worker)
+                started = await self._start_run((ev.key, worker))
                 if started is None:
                     return  # completed, dead or running elsewhere: nothing to start
             attempt, series = started
@@ -377,18 +384,16 @@ class Coordinator(BatchDelivery):
         if not outcome.ok and attempt <= policy.retries:
             delay = policy.backoff(attempt, self._rng)
             retry_at = time.time() + delay
-        (fresh,) = await self.ledger.finish(
-            [
-                Finish(
-                    key=ev.key,
-                    attempt=attempt,
-                    ok=outcome.ok,
-                    error=outcome.error,
-                    traceback=outcome.traceback,
-                    prefect_flow_run_id=outcome.prefect_flow_run_id,
-                    retry_at=retry_at,
-                )
-            ]
+        fresh = await self._finish_run(
+            Finish(
+                key=ev.key,
+                attempt=attempt,
+                ok=outcome.ok,
+                error=outcome.error,
+                traceback=outcome.traceback,
+                prefect_flow_run_id=outcome.prefect_flow_run_id,
+                retry_at=retry_at,
+            )
         )
         if fresh and retry_at is not None:
             self._schedule_retry(ev, delay)

@@ -115,6 +115,12 @@ class Ledger(Protocol):
         if the run is not startable (already running, completed or dead). ``series`` counts
         replays, so ``(series, attempt)`` names one attempt for all time."""
 
+    async def start_many(
+        self, items: list[tuple[tuple[str, str, str], int]]
+    ) -> list[tuple[int, int] | None]:
+        """``start`` for several ``(key, worker)`` runs, in one transaction."""
+        ...
+
     async def start_batch(
         self, keys: list[tuple[str, str, str]], worker: int, batch: str
     ) -> list[tuple[int, int] | None]:

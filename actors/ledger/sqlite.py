@@ -214,6 +214,20 @@ class SQLiteLedger:
         ).fetchone()
         return None if row is None else (int(row[0]), int(row[1]))
 
+    async def start_many(
+        self, items: list[tuple[tuple[str, str, str], int]]
+    ) -> list[tuple[int, int] | None]:
+        """``start`` for several runs (each with its own worker), in one transaction."""
+        now = time.time()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            started = [self._start(key, worker, None, now) for key, worker in items]
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return started
+
     async def start_batch(
         self, keys: list[tuple[str, str, str]], worker: int, batch: str
     ) -> list[tuple[int, int] | None]:
