@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +48,7 @@ from cluster.runtime import LocalCluster
 NAME = "throughput"
 HELP = "events/s source → durable claim, and runs/s, for 1/2/4 coordinator shards"
 TARGET_EVENTS_PER_S = 100_000
+OURS = re.compile(r"\((?:.*/)?(?:actors|cluster)/[^)]*\)")  # a frame in our own packages
 
 NOOP_FLOW = """
 from prefect import flow
@@ -127,7 +129,7 @@ def top_frames(path: Path, top: int) -> dict[str, Any]:
             continue
         total += n
         leaf[_short(frames[-1])] += n
-        for f in {_short(f) for f in frames if "/actors/" in f or "/cluster/" in f}:
+        for f in {_short(f) for f in frames if OURS.search(f)}:
             inclusive[f] += n
     share = lambda c: [  # noqa: E731
         {"frame": f, "share": round(k / total, 3)} for f, k in c.most_common(top)
