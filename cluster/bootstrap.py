@@ -207,7 +207,7 @@ def deploy(
     def router(timeout: float) -> CoordinatorShards:
         return CoordinatorShards(
             [
-                RayCoordinatorHandle(name, actor, timeout)
+                RayCoordinatorHandle(name, actor, timeout, namespace=ns)
                 for (name, _, _), actor in zip(shards, actors_of_shards, strict=True)
             ]
         )
@@ -244,7 +244,7 @@ def deploy(
         c.heartbeat_seconds,
         max_task_retries=-1,
     )
-    supervisor = RayHandle("supervisor", sup_actor, timeout=30.0)
+    supervisor = RayHandle("supervisor", sup_actor, timeout=30.0, namespace=ns)
     ingress_actor, ingress_recipe = _spawn(
         IngressActor,
         "ingress",

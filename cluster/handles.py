@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from actors.errors import Unavailable
 from actors.event import Event, pack_events
 from actors.handles import RunOutcome, SourceRejection
 
+RELOOKUP_INTERVAL = 0.5
 ACTOR_DOWN = (RayActorError, ActorUnavailableError, GetTimeoutError, asyncio.TimeoutError)
 
 
@@ -47,7 +49,12 @@ class ActorRecipe:
 
 
 class RayHandle:
-    """An async proxy for one named actor: ``await h.method(*args)`` calls it remotely."""
+    """An async proxy for one named actor: ``await h.method(*args)`` calls it remotely.
+
+    With a ``namespace`` (or a recipe), a call that finds the actor gone looks its name up
+    again: when Ray gave up on the actor and the supervisor created a new one under the same
+    name, every copy of this handle (in hosts, the ingress, ...) follows it.
+    """
 
     def __init__(
         self,
@@ -55,21 +62,48 @@ class RayHandle:
         actor: Any,
         timeout: float | None = None,
         recipe: ActorRecipe | None = None,
+        namespace: str | None = None,
     ) -> None:
         self.name = name
         self.actor = actor
         self.timeout = timeout
         self.recipe = recipe
+        self.namespace = namespace or (recipe.namespace if recipe else None)
+        self._looked_up = 0.0
 
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        ref = getattr(self.actor, method).remote(*args)
         limit = timeout if timeout is not None else self.timeout
         try:
-            if limit is None:
-                return await ref
-            return await asyncio.wait_for(ref, limit)
+            return await self._call(method, args, limit)
+        except ACTOR_DOWN as exc:
+            if not self._follow_rename():
+                raise Unavailable(f"{self.name}: {type(exc).__name__}: {exc}") from None
+        try:  # the name now belongs to a new actor: one more try, at it
+            return await self._call(method, args, limit)
         except ACTOR_DOWN as exc:
             raise Unavailable(f"{self.name}: {type(exc).__name__}: {exc}") from None
+
+    async def _call(self, method: str, args: tuple[Any, ...], limit: float | None) -> Any:
+        ref = getattr(self.actor, method).remote(*args)
+        if limit is None:
+            return await ref
+        return await asyncio.wait_for(ref, limit)
+
+    def _follow_rename(self) -> bool:
+        """Point at the actor now registered under our name, if it is a different one
+        (looked up at most every ``RELOOKUP_INTERVAL`` seconds while the actor is down)."""
+        now = time.monotonic()
+        if self.namespace is None or now - self._looked_up < RELOOKUP_INTERVAL:
+            return False
+        self._looked_up = now
+        try:
+            current = ray.get_actor(self.name, namespace=self.namespace)
+        except Exception:
+            return False
+        if current._actor_id == self.actor._actor_id:
+            return False
+        self.actor = current
+        return True
 
     def __getattr__(self, method: str) -> Any:
         if method.startswith("_"):

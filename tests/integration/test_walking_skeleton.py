@@ -287,3 +287,26 @@ def test_batch_delivery_gives_one_run_a_list_of_events_and_each_event_runs_once(
     members = [m["id"] for b in batches for m in b["payload"]["events"]]
     assert sorted(members) == sorted(f"b-{i}" for i in range(12))
     assert max(len(b["payload"]["events"]) for b in batches) <= 5
+
+
+def test_coordinator_killed_for_good_is_recreated_and_ingress_and_hosts_follow_it(
+    make_cluster, tmp_path
+):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    c = make_cluster(
+        [
+            {"name": "ingest", "clocks": [{"type": "webhook"}]},
+            {"name": "other", "clocks": [{"type": "directory", "path": str(inbox)}]},
+        ]
+    )
+    assert c.post("ingest", {"id": "before", "payload": {}}).status_code == 202
+    ray.kill(c.cluster.deployment.coordinators[0].actor, no_restart=True)
+    # Ray will not restart it; the supervisor creates a new actor under the same name, and
+    # the ingress's and the host's handles look the name up again.
+    r = c.post_retrying("ingest", {"id": "after", "payload": {}}, timeout=90)
+    assert r.status_code == 202
+    (inbox / "late.json").write_text("{}")
+    wait_until(lambda: c.completed("ingest") == 2, timeout=60, what="both webhook events")
+    wait_until(lambda: c.completed("other") == 1, timeout=60, what="the file after the kill")
+    assert c.executions("ingest") == {"before": 1, "after": 1}
