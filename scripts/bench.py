@@ -18,6 +18,7 @@ BENCHMARKS = [
     "peer_prefect",
     "sources",
     "ingress_server",
+    "recovery",
 ]
 
 
