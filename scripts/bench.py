@@ -19,6 +19,7 @@ BENCHMARKS = [
     "sources",
     "ingress_server",
     "recovery",
+    "tracked",
 ]
 
 

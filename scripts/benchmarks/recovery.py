@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import json
 import logging
 import os
 import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -295,6 +297,12 @@ def actor_back(cluster: LocalCluster, target: str, old_pid: int, t_kill: float) 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    # Ray prints the errors of killed workers on the driver's stdout: keep stdout for the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     stream = f"bench-recovery-{uuid.uuid4().hex[:8]}"
