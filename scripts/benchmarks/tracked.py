@@ -54,7 +54,13 @@ sys.path.insert(0, {root!r})
 from prefect.context import SettingsContext, get_settings_context
 from bench_flows import probe
 
-n, tag = int(sys.argv[1]), sys.argv[2]
+n, tag, named = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "named"
+flow_obj = probe
+if named:  # the cluster's run name and tags: one more API call a run (the rename)
+    from prefect import tags
+    from actors.flow_runner import run_name_for, run_tags_for
+    current = {{}}
+    flow_obj = probe.with_options(flow_run_name=lambda: current["name"])
 base = get_settings_context()
 settings = base.settings.copy_with_update(
     updates={{"flows.heartbeat_frequency": None, "server.ephemeral.enabled": False}}
@@ -65,7 +71,13 @@ with SettingsContext(profile=base.profile, settings=settings):
     start = time.time()
     failed = 0
     for i in range(n):
-        state = probe(event={{"id": f"{{tag}}-{{i}}", "payload": {{}}}}, return_state=True)
+        event = {{"id": f"{{tag}}-{{i}}", "tenant": "bench", "flow": "probe", "payload": {{}}}}
+        if named:
+            current["name"] = run_name_for(event, 1, "probe")
+            with tags(*run_tags_for(event, 1, "probe")):
+                state = flow_obj(event=event, return_state=True)
+        else:
+            state = flow_obj(event=event, return_state=True)
         failed += 0 if state.is_completed() else 1
     end = time.time()
 print(json.dumps({{"start": start, "end": end, "runs": n, "failed": failed}}), flush=True)
@@ -79,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--worker-concurrency", type=int, default=16, help="runs in flight per worker"
     )
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--named-bare",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run bare Prefect with the cluster's run names and tags (splits the gap)",
+    )
 
 
 def start_cluster(root: Path, workers: int, concurrency: int) -> LocalCluster:
@@ -142,7 +160,9 @@ def cluster_side(cluster: LocalCluster, n: int, tag: str, timeout: float) -> dic
     }
 
 
-def bare_side(root: Path, api_url: str, workers: int, n: int, timeout: float) -> dict[str, Any]:
+def bare_side(
+    root: Path, api_url: str, workers: int, n: int, timeout: float, named: bool = False
+) -> dict[str, Any]:
     script = root / "bare_runner.py"
     script.write_text(BARE.format(root=str(root)))
     env = {
@@ -153,7 +173,13 @@ def bare_side(root: Path, api_url: str, workers: int, n: int, timeout: float) ->
     per = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(k), f"bare{i}"],
+            [
+                sys.executable,
+                str(script),
+                str(k),
+                f"bare{i}{'n' if named else ''}",
+                "named" if named else "plain",
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -214,8 +240,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             log.info("warm-up: %s", warm)
             ours = cluster_side(cluster, args.runs, "c", args.timeout)
             log.info("cluster: %s", ours)
-            bare = bare_side(root, cluster.prefect_api_url, args.workers, args.runs, args.timeout)
+            api, w, n, t = cluster.prefect_api_url, args.workers, args.runs, args.timeout
+            bare = bare_side(root, api, w, n, t)
             log.info("bare: %s", bare)
+            named = bare_side(root, api, w, n, t, named=True) if args.named_bare else None
+            log.info("bare, named like the cluster: %s", named)
         finally:
             cluster.stop(drain_timeout=30)
     return {
@@ -226,5 +255,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "cluster": ours,
         "bare_prefect": bare,
         "ratio_to_bare": round(ours["runs_per_s"] / bare["runs_per_s"], 3),
+        **(
+            {
+                "bare_prefect_named_like_cluster": named,
+                "ratio_to_bare_named": round(ours["runs_per_s"] / named["runs_per_s"], 3),
+            }
+            if named
+            else {}
+        ),
         "target": {"ratio_to_bare": TARGET_RATIO},
     }
