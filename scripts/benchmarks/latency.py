@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -44,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="events/s for tracked runs (a SQLite Prefect server sustains ~10 tracked runs/s)",
     )
     parser.add_argument("--tracked-rate", type=float, default=None, help="one tracked rate")
+    parser.add_argument(
+        "--max-in-flight", type=int, default=64, help="client: most requests on the wire at once"
+    )
 
 
 def _rates(single: float | None, many: str) -> list[float]:
@@ -56,7 +60,9 @@ def _key(rate: float) -> str:
     return str(int(rate)) if rate == int(rate) else str(rate)
 
 
-def latency_mode(prefect: str, rates: list[float], seconds: float) -> dict[str, Any]:
+def latency_mode(
+    prefect: str, rates: list[float], seconds: float, in_flight: int = 64
+) -> dict[str, Any]:
     """One cluster; the HTTP baseline, then each rate in turn (the log is emptied between)."""
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -78,7 +84,10 @@ def latency_mode(prefect: str, rates: list[float], seconds: float) -> dict[str, 
                 log.unlink(missing_ok=True)
                 cluster.call("coordinator", "latencies", True)
                 n = max(1, int(rate * seconds))
-                load = asyncio.run(fire(url, rate, n=n, tag=f"m{_key(rate)}", give_up_after=30))
+                tag = f"m{_key(rate)}"
+                load = asyncio.run(
+                    fire(url, rate, n=n, tag=tag, give_up_after=30, max_connections=in_flight)
+                )
                 rows = wait_lines(log, n, 300)
                 inside = cluster.call("coordinator", "latencies", True)
                 result = {
@@ -98,8 +107,12 @@ def latency_mode(prefect: str, rates: list[float], seconds: float) -> dict[str, 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    before = os.getloadavg()
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON only
-        return _run(args)
+        doc = _run(args)
+    # Other work on the machine skews every figure: say how busy it was.
+    doc["machine"] = {"loadavg_before": before, "loadavg_after": os.getloadavg()}
+    return doc
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,11 +122,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for mode in args.modes.split(","):
         name = "untracked" if mode == "off" else "tracked"
-        results[name] = latency_mode(mode, rates if mode == "off" else tracked_rates, args.seconds)
+        mode_rates = rates if mode == "off" else tracked_rates
+        results[name] = latency_mode(mode, mode_rates, args.seconds, args.max_in_flight)
     return {
         "benchmark": "latency",
         "rates_per_s": {"untracked": rates, "tracked": tracked_rates},
         "seconds_per_rate": args.seconds,
+        "client_max_in_flight": args.max_in_flight,
         "results": results,
         "target": {"untracked_p50_ms": 8, "untracked_p99_ms": 25, "at_rate_per_s": 100},
     }

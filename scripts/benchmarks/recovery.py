@@ -298,8 +298,12 @@ def actor_back(cluster: LocalCluster, target: str, old_pid: int, t_kill: float) 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     # Ray prints the errors of killed workers on the driver's stdout: keep stdout for the JSON.
+    before = os.getloadavg()
     with contextlib.redirect_stdout(sys.stderr):
-        return _run(args)
+        doc = _run(args)
+    # Other work on the machine skews every figure: say how busy it was.
+    doc["machine"] = {"loadavg_before": before, "loadavg_after": os.getloadavg()}
+    return doc
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -418,7 +422,7 @@ def analyse(
 ) -> dict[str, Any]:
     by_flow = {f: [r for r in rows if r["flow"] == f] for f in ("hook", "stream")}
     sent = {
-        "hook": [r.sent for r in hook.requests],
+        "hook": [r.sent for r in hook.requests if r.sent],
         "stream": [t for _, t in stream_load.sent],
     }
     series = {f: Series(sent[f], [r["started"] for r in by_flow[f]]) for f in by_flow}

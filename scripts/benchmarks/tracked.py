@@ -224,8 +224,12 @@ def bare_side(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    before = os.getloadavg()
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON only
-        return _run(args)
+        doc = _run(args)
+    # Other work on the machine skews every figure: say how busy it was.
+    doc["machine"] = {"loadavg_before": before, "loadavg_after": os.getloadavg()}
+    return doc
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:

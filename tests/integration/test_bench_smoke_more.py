@@ -55,6 +55,7 @@ def test_recovery_bench_emits_valid_json() -> None:
         assert integrity["events"] > 0
         assert integrity["lost"] == 0 and integrity["duplicated"] == 0, integrity
     assert {"achieved_rate_per_s", "final_statuses"} <= doc["load"].keys()
+    assert {"loadavg_before", "loadavg_after"} <= doc["machine"].keys()
 
 
 @pytest.mark.slow
@@ -70,6 +71,7 @@ def test_tracked_bench_emits_valid_json() -> None:
     assert ours["runs_per_s"] > 0 and bare["runs_per_s"] > 0
     assert isinstance(doc["ratio_to_bare"], float)
     assert "bare_prefect_named_like_cluster" not in doc
+    assert {"loadavg_before", "loadavg_after"} <= doc["machine"].keys()
 
 
 @pytest.mark.slow
@@ -87,3 +89,4 @@ def test_latency_bench_at_several_rates_emits_valid_json() -> None:
         assert {"achieved_rate_per_s", "max_behind_schedule_ms"} <= r.keys()
         assert r["final_statuses"] == {"202": r["events"]}
     assert "tracked" not in doc["results"]
+    assert {"loadavg_before", "loadavg_after"} <= doc["machine"].keys()
