@@ -4,6 +4,8 @@ the same Prefect server (the cluster's embedded one). Target: ≥ 90% of bare.
 
 Cluster: ``prefect: embedded``, ``workers: W``; N events are POSTed to the ingress as fast as
 it takes them; the rate is N / (first POST → last run completed in the ledger).
+The two sides alternate in ``--rounds`` rounds (a share of the runs each), so a change of
+the machine's load weighs on both alike.
 Bare: W plain Python processes, each with ``PREFECT_API_URL`` set to the cluster's server and
 flow-run heartbeats off (as the cluster's worker runs flows), import the flow, wait for a
 common start signal, then call it N/W times; the rate is N / (start → last process done).
@@ -92,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument(
+        "--rounds", type=int, default=2, help="alternate cluster and bare this many times"
+    )
+    parser.add_argument(
         "--named-bare",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -160,8 +165,31 @@ def cluster_side(cluster: LocalCluster, n: int, tag: str, timeout: float) -> dic
     }
 
 
+def shares(total: int, parts: int) -> list[int]:
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one side: counts and seconds added up, the rate over the whole."""
+    out: dict[str, Any] = {}
+    for key in ("processes", "runs", "completed", "with_prefect_flow_run_id", "seconds"):
+        if all(key in p for p in parts):
+            out[key] = parts[0][key] if key == "processes" else sum(p[key] for p in parts)
+    out["seconds"] = round(out["seconds"], 3)
+    out["runs_per_s"] = round(out["completed"] / out["seconds"], 2)
+    out["rounds_runs_per_s"] = [p["runs_per_s"] for p in parts]
+    return out
+
+
 def bare_side(
-    root: Path, api_url: str, workers: int, n: int, timeout: float, named: bool = False
+    root: Path,
+    api_url: str,
+    workers: int,
+    n: int,
+    timeout: float,
+    tag: str = "",
+    named: bool = False,
 ) -> dict[str, Any]:
     script = root / "bare_runner.py"
     script.write_text(BARE.format(root=str(root)))
@@ -170,14 +198,14 @@ def bare_side(
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
     }
-    per = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
+    per = shares(n, workers)
     procs = [
         subprocess.Popen(
             [
                 sys.executable,
                 str(script),
                 str(k),
-                f"bare{i}{'n' if named else ''}",
+                f"bare{tag}p{i}{'n' if named else ''}",
                 "named" if named else "plain",
             ],
             stdin=subprocess.PIPE,
@@ -242,13 +270,20 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             assert cluster.prefect_api_url is not None
             warm = cluster_side(cluster, 4 * args.workers, "warm", args.timeout)
             log.info("warm-up: %s", warm)
-            ours = cluster_side(cluster, args.runs, "c", args.timeout)
-            log.info("cluster: %s", ours)
-            api, w, n, t = cluster.prefect_api_url, args.workers, args.runs, args.timeout
-            bare = bare_side(root, api, w, n, t)
-            log.info("bare: %s", bare)
-            named = bare_side(root, api, w, n, t, named=True) if args.named_bare else None
-            log.info("bare, named like the cluster: %s", named)
+            api, w, t = cluster.prefect_api_url, args.workers, args.timeout
+            rounds: dict[str, list[dict[str, Any]]] = {"cluster": [], "bare": [], "named": []}
+            # Alternate the sides, a share of the runs each round, so a change in the
+            # machine's load (or the server's database growing) weighs on both alike.
+            for r, n in enumerate(shares(args.runs, args.rounds)):
+                rounds["cluster"].append(cluster_side(cluster, n, f"c{r}", t))
+                rounds["bare"].append(bare_side(root, api, w, n, t, tag=f"r{r}"))
+                if args.named_bare:
+                    rounds["named"].append(bare_side(root, api, w, n, t, f"r{r}", named=True))
+                log.info(
+                    "round %d: %s", r, {k: v[-1]["runs_per_s"] for k, v in rounds.items() if v}
+                )
+            ours, bare = combine(rounds["cluster"]), combine(rounds["bare"])
+            named = combine(rounds["named"]) if args.named_bare else None
         finally:
             cluster.stop(drain_timeout=30)
     return {
@@ -256,6 +291,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "workers": args.workers,
         "worker_concurrency": args.worker_concurrency,
         "runs": args.runs,
+        "rounds": args.rounds,
         "cluster": ours,
         "bare_prefect": bare,
         "ratio_to_bare": round(ours["runs_per_s"] / bare["runs_per_s"], 3),
