@@ -157,6 +157,7 @@ def cluster_side(cluster: LocalCluster, n: int, tag: str, timeout: float) -> dic
     return {
         "runs": n,
         "completed": len(done),
+        "retried_attempts": sum(r["attempts"] for r in runs) - len(runs),
         "with_prefect_flow_run_id": tracked,
         "post_seconds": round(posted - t0, 3),
         "seconds": round(end - t0, 3),
@@ -173,7 +174,8 @@ def shares(total: int, parts: int) -> list[int]:
 def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Rounds of one side: counts and seconds added up, the rate over the whole."""
     out: dict[str, Any] = {}
-    for key in ("processes", "runs", "completed", "with_prefect_flow_run_id", "seconds"):
+    keys = ("processes", "runs", "completed", "with_prefect_flow_run_id", "retried_attempts")
+    for key in (*keys, "seconds"):
         if all(key in p for p in parts):
             out[key] = parts[0][key] if key == "processes" else sum(p[key] for p in parts)
     out["seconds"] = round(out["seconds"], 3)
