@@ -12,8 +12,9 @@ raises for a failing flow, and it never returns (or pickles) the flow's result.
   both are contextvars set for the duration of the run and ``None`` outside the cluster.
   Tracked runs also carry an ``attempt:<n>`` tag, and from the second attempt on the run
   name ends in ``-try<n>``.
-- Sync flows run in a bounded thread pool (``max_threads``); async flows are awaited on the
-  caller's loop. Many runs can be in flight at once.
+- Sync flows run in a bounded thread pool (``max_threads``, or a ``pool`` shared by every
+  runner of a worker); async flows are awaited on the caller's loop. Many runs can be in
+  flight at once.
 - ``tracking="api"``: a real Prefect flow run against ``api_url`` (default:
   ``PREFECT_API_URL`` from the environment, read when the runner is built) with tags
   ``tenant:<t>``, ``flow:<f>``, ``event:<id>``, ``attempt:<n>`` and the name
@@ -30,8 +31,10 @@ every sync flow run stalls ~1 s joining the heartbeat thread; the cluster's ledg
 Prefect, detects crashed runs), ephemeral servers are disabled, and ``api.url`` is the
 runner's (``None`` when untracked, so "off" means no API even if the environment names one).
 The process is not touched; :func:`disable_ephemeral_server_for_process` is an optional
-backstop for a worker process. Tracked runs share one API client per runner (one per event
-loop for async flows) instead of building one per run (~20 ms of TLS setup each).
+backstop for a worker process. Tracked runs share API clients (:class:`PrefectClients`: one
+sync client, and one async client per event loop) instead of building one per run (~20 ms of
+setup each); a worker passes one ``PrefectClients`` to all of its runners, so it holds one
+client per API, whatever the number of flows.
 """
 
 from __future__ import annotations
@@ -53,11 +56,13 @@ from actors.handles import RunOutcome  # ok, error, traceback, prefect_flow_run_
 
 __all__ = [
     "FlowRunner",
+    "PrefectClients",
     "RunOutcome",
     "check_event_parameter",
     "current_attempt",
     "current_event",
     "disable_ephemeral_server_for_process",
+    "flush_prefect_services",
 ]
 
 TRACKING_MODES = ("off", "api")
@@ -174,8 +179,77 @@ def _describe(exc: BaseException) -> tuple[str, str]:
     return error, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
+class PrefectClients:
+    """Prefect API clients shared by tracked runs: one sync client per API URL (thread-safe;
+    sync flows in the pool share it) and one async client per (API URL, event loop).
+
+    A client is opened on first use, inside the run's settings scope, so it talks to that
+    run's API. :meth:`aclose` closes them all.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sync: dict[str, Any] = {}
+        self._async: dict[tuple[str, asyncio.AbstractEventLoop], asyncio.Task[Any]] = {}
+
+    @staticmethod
+    def _url() -> str:
+        from prefect.settings import get_current_settings
+
+        return str(get_current_settings().api.url)
+
+    def sync_context(self) -> Any:
+        """A client context over the shared sync client of the current settings' API."""
+        from prefect.client.orchestration import get_client
+        from prefect.context import SyncClientContext
+
+        url = self._url()
+        with self._lock:
+            client = self._sync.get(url)
+            if client is None:
+                client = get_client(sync_client=True)
+                client.__enter__()
+                self._sync[url] = client
+        return SyncClientContext.model_construct(client=client)
+
+    async def async_context(self) -> Any:
+        """A client context over this loop's shared async client of the current API."""
+        from prefect.client.orchestration import get_client
+        from prefect.context import AsyncClientContext
+
+        key = (self._url(), asyncio.get_running_loop())
+        opening = self._async.get(key)
+        if opening is None:  # one client per loop, even when runs start together
+            opening = self._async[key] = asyncio.create_task(get_client().__aenter__())
+        try:
+            return AsyncClientContext.model_construct(client=await opening)
+        except Exception:
+            self._async.pop(key, None)  # try a new client next time
+            raise
+
+    def opened(self) -> list[Any]:
+        """The clients opened so far."""
+        ready = [t for t in self._async.values() if t.done() and not t.cancelled()]
+        return [*self._sync.values(), *(t.result() for t in ready if t.exception() is None)]
+
+    async def aclose(self) -> None:
+        with self._lock:
+            sync, self._sync = list(self._sync.values()), {}
+        for client in sync:
+            await asyncio.to_thread(client.__exit__, None, None, None)
+        loop = asyncio.get_running_loop()
+        for key in [k for k in self._async if k[1] is loop]:
+            opening = self._async.pop(key)
+            with contextlib.suppress(Exception):
+                await (await opening).__aexit__(None, None, None)
+
+
 class FlowRunner:
-    """Runs one Prefect flow object, once per ``run(event, attempt)`` call."""
+    """Runs one Prefect flow object, once per ``run(event, attempt)`` call.
+
+    ``pool`` and ``clients``, when given, are shared with other runners (a worker's) and are
+    not closed by :meth:`aclose`; otherwise the runner makes and owns its own.
+    """
 
     def __init__(
         self,
@@ -184,6 +258,9 @@ class FlowRunner:
         tracking: str = "off",
         max_threads: int = 8,
         api_url: str | None = None,
+        *,
+        pool: ThreadPoolExecutor | None = None,
+        clients: PrefectClients | None = None,
     ) -> None:
         from prefect import Flow
 
@@ -202,10 +279,10 @@ class FlowRunner:
         self._tracked_flow = (
             flow if flow.flow_run_name else flow.with_options(flow_run_name=_current_run_name)
         )
-        self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix=f"flow-{self.name}")
-        self._lock = threading.Lock()
-        self._sync_client: Any = None
-        self._async_clients: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = {}
+        self._owns_pool = pool is None
+        self._pool = pool or ThreadPoolExecutor(max_threads, thread_name_prefix=f"flow-{self.name}")
+        self._owns_clients = clients is None
+        self.clients = clients or PrefectClients()
 
     @staticmethod
     def _resolve_api_url(api_url: str | None) -> str:
@@ -270,7 +347,7 @@ class FlowRunner:
                 if self.tracking == "off":
                     self.flow.fn(**{self.event_parameter: event})
                     return self._outcome(started)
-                with self._sync_client_context():
+                with self.clients.sync_context():
                     state = self._tracked_flow(**{self.event_parameter: event}, return_state=True)
                     flow_run_id = _flow_run_id(state)
                     if state.is_completed():
@@ -288,7 +365,7 @@ class FlowRunner:
                 if self.tracking == "off":
                     await self.flow.fn(**{self.event_parameter: event})
                     return self._outcome(started)
-                async with await self._async_client_context():
+                async with await self.clients.async_context():
                     flow = self._tracked_flow
                     state = await flow(**{self.event_parameter: event}, return_state=True)
                     flow_run_id = _flow_run_id(state)
@@ -321,52 +398,22 @@ class FlowRunner:
             error += NEEDS_API_HINT
         return self._outcome(started, error, tb, flow_run_id)
 
-    def _sync_client_context(self) -> Any:
-        """A client context over the runner's shared sync client (Prefect reuses it)."""
-        from prefect.client.orchestration import get_client
-        from prefect.context import SyncClientContext
-
-        with self._lock:
-            if self._sync_client is None:
-                client = get_client(sync_client=True)
-                client.__enter__()
-                self._sync_client = client
-        return SyncClientContext.model_construct(client=self._sync_client)
-
-    async def _async_client_context(self) -> Any:
-        """A client context over this loop's shared async client."""
-        from prefect.client.orchestration import get_client
-        from prefect.context import AsyncClientContext
-
-        loop = asyncio.get_running_loop()
-        opening = self._async_clients.get(loop)
-        if opening is None:  # one client per loop, even when runs start together
-            opening = self._async_clients[loop] = loop.create_task(get_client().__aenter__())
-        try:
-            return AsyncClientContext.model_construct(client=await opening)
-        except Exception:
-            self._async_clients.pop(loop, None)  # try a new client next time
-            raise
-
     async def aclose(self, flush_timeout: float = 10.0) -> None:
-        """Stop the pool (running sync flows finish in the background) and close clients.
+        """Stop the pool (running sync flows finish in the background) and close clients,
+        unless they are shared (their owner closes them).
 
         Tracked runs' logs and events are sent in the background in batches: flush them
         here, while the server still runs, or interpreter exit waits on them with retries.
         """
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if self.tracking == "api":
-            await _flush_prefect_services(flush_timeout)
-        client, self._sync_client = self._sync_client, None
-        if client is not None:
-            await asyncio.to_thread(client.__exit__, None, None, None)
-        loop = asyncio.get_running_loop()
-        opening = self._async_clients.pop(loop, None)
-        if opening is not None:
-            await (await opening).__aexit__(None, None, None)
+        if self._owns_pool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._owns_clients:  # shared clients: their owner flushes and closes
+            if self.tracking == "api":
+                await flush_prefect_services(flush_timeout)
+            await self.clients.aclose()
 
 
-async def _flush_prefect_services(timeout: float) -> None:
+async def flush_prefect_services(timeout: float) -> None:
     """Send what Prefect's log and event workers hold (they restart on next use)."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker

@@ -1,5 +1,15 @@
 """FlowWorker: loads each flow once and runs it with events, many at a time.
 
+Async flows run concurrently on the worker's event loop; sync flows run in ONE bounded thread
+pool of ``max_threads`` shared by all of the worker's flows; tracked runs of all its flows
+share one set of Prefect API clients (:class:`PrefectClients`).
+
+Tracked runs are further limited to ``tracked_concurrency`` at once per worker (4 by
+default; the rest wait their turn in the worker). Each tracked run is a handful of Prefect
+API calls, and more of them in flight only slow every one down: measured with a trivial sync
+flow against the embedded (SQLite) Prefect server, 2 workers, 200 runs: 7.7 runs/s with 4 in
+flight per worker, 6.2 with 8, 3.5 with 16 (bare Prefect, 2 processes: 6-12 runs/s).
+
 ``run`` is idempotent per ``(event key, attempt)``: a coordinator that restarts re-sends the
 runs it found ``running`` in the ledger, and the worker joins the attempt already in flight
 (or returns its remembered outcome) instead of starting the flow a second time.
@@ -12,15 +22,17 @@ import os
 import time
 import traceback
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from actors.entrypoint import load_flow
-from actors.flow_runner import FlowRunner
+from actors.flow_runner import FlowRunner, PrefectClients, flush_prefect_services
 from actors.handles import RunOutcome
 
 RECENT_OUTCOMES = 10_000
+TRACKED_CONCURRENCY = 4
 
 
 @dataclass(slots=True)
@@ -47,6 +59,7 @@ class FlowWorker:
         tracking: str = "off",
         max_threads: int = 8,
         env: dict[str, str] | None = None,
+        tracked_concurrency: int = TRACKED_CONCURRENCY,
     ) -> None:
         os.environ.update(env or {})
         self.index = index
@@ -54,6 +67,9 @@ class FlowWorker:
         self.max_threads = max_threads
         self._targets = {t.key: t for t in targets}
         self._runners: dict[tuple[str, str], FlowRunner] = {}
+        self._pool: ThreadPoolExecutor | None = None  # made with the first runner
+        self.clients = PrefectClients()
+        self._tracked_slots = asyncio.Semaphore(max(1, tracked_concurrency))
         self._inflight: dict[tuple[Any, ...], asyncio.Future[RunOutcome]] = {}
         self._recent: OrderedDict[tuple[Any, ...], RunOutcome] = OrderedDict()
         self.runs_started = 0
@@ -68,11 +84,17 @@ class FlowWorker:
             if flow_obj is None:
                 base = Path(target.base_dir) if target.base_dir else None
                 flow_obj = load_flow(target.entrypoint or "", base)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.max_threads, thread_name_prefix=f"worker-{self.index}"
+                )
             runner = FlowRunner(
                 flow_obj,
                 event_parameter=target.event_parameter,
                 tracking=self.tracking,
                 max_threads=self.max_threads,
+                pool=self._pool,
+                clients=self.clients,
             )
             self._runners[(tenant, flow)] = runner
         return runner
@@ -120,8 +142,12 @@ class FlowWorker:
                 started_at=started,
                 finished_at=time.time(),
             )
-        self.runs_started += 1
-        return await runner.run(event, attempt)
+        if self.tracking != "api":
+            self.runs_started += 1
+            return await runner.run(event, attempt)
+        async with self._tracked_slots:
+            self.runs_started += 1
+            return await runner.run(event, attempt)
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Wait for runs in flight, then flush and close every runner's Prefect clients (the
@@ -131,6 +157,12 @@ class FlowWorker:
         for runner in self._runners.values():
             await runner.aclose()
         self._runners.clear()
+        if self.tracking == "api":
+            await flush_prefect_services(10.0)
+        await self.clients.aclose()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def ping(self) -> dict[str, Any]:
         return {

@@ -21,6 +21,8 @@ BENCHMARKS = [
     "ingress_server",
     "throughput",
     "listeners",
+    "recovery",
+    "tracked",
 ]
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, 
 from actors.errors import FlowLoadError, ListenerError
 from actors.flow_runner import (
     FlowRunner,
+    PrefectClients,
     check_event_parameter,
     current_attempt,
     current_event,
@@ -208,3 +210,65 @@ def test_disable_ephemeral_server_for_process_backstop() -> None:
         [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+def peak_overlap(outcomes: list[Any]) -> int:
+    edges = sorted(
+        [(o.started_at, 1) for o in outcomes] + [(o.finished_at, -1) for o in outcomes],
+        key=lambda edge: (edge[0], edge[1]),
+    )
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+async def test_runners_sharing_a_pool_are_bounded_together(runner_factory) -> None:
+    pool = ThreadPoolExecutor(2, thread_name_prefix="shared")
+    try:
+        one = runner_factory(flows.sleepy_flow, max_threads=8, pool=pool)
+        two = runner_factory(flows.sleepy_flow, max_threads=8, pool=pool)
+        events = [make_event(payload={"sleep": 0.2}) for _ in range(8)]
+        runs = [(one if i % 2 else two).run(e, 1) for i, e in enumerate(events)]
+        outcomes = await asyncio.gather(*runs)
+        assert all(o.ok for o in outcomes)
+        assert {flows.SEEN[e["id"]]["thread"].split("_")[0] for e in events} == {"shared"}
+        assert 1 < peak_overlap(outcomes) <= 2  # both runners together, not 2 each
+        await one.aclose()  # a runner does not shut a pool it does not own
+        assert (await two.run(make_event(payload={"sleep": 0}), 1)).ok
+    finally:
+        pool.shutdown(wait=True)
+
+
+async def test_prefect_clients_one_per_api_and_loop() -> None:
+    from prefect.settings import temporary_settings as settings
+
+    clients = PrefectClients()
+    with settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        first, second = clients.sync_context(), clients.sync_context()
+        assert first.client is second.client
+        contexts = await asyncio.gather(*(clients.async_context() for _ in range(5)))
+        assert len({id(c.client) for c in contexts}) == 1
+    with settings(updates={PREFECT_API_URL: "http://127.0.0.1:10/api"}):
+        other = clients.sync_context()
+        assert other.client is not first.client
+        assert str(other.client.api_url).startswith("http://127.0.0.1:10/")
+    assert len(clients.opened()) == 3  # two sync (one per API), one async
+    await clients.aclose()
+    assert clients.opened() == []
+
+
+async def test_tracked_runners_share_the_given_clients(runner_factory) -> None:
+    shared = PrefectClients()
+    api = "http://127.0.0.1:9/api"
+    one = runner_factory(flows.sync_flow, tracking="api", api_url=api, clients=shared)
+    two = runner_factory(flows.async_flow, tracking="api", api_url=api, clients=shared)
+    assert one.clients is shared and two.clients is shared
+    alone = runner_factory(flows.sync_flow, tracking="api", api_url=api)
+    assert alone.clients is not shared
+    with alone._settings.model_copy():
+        shared.sync_context()
+    await one.aclose()  # shared clients stay open for the other runners
+    assert len(shared.opened()) == 1
+    await shared.aclose()
