@@ -30,6 +30,7 @@ from starlette.routing import Route
 from actors.clocks.base import Rejection
 from actors.errors import EventError, Unavailable
 from actors.event import Event, body_hash, parse_ingress_body, utcnow_iso
+from actors.group_commit import GroupCommit
 from actors.handles import CoordinatorHandle, SourceRejection
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ class Ingress:
         self.flows = set(flows)
         self.tenants = {t.name: t for t in tenants}
         self.coordinator = coordinator
+        # Concurrent POSTs share one coordinator call: alone at low load, a batch of all the
+        # requests that arrived meanwhile at high load (one call in flight at a time).
+        self._submit = GroupCommit(self._submit_many)
         self.control = control
         self.admin_token = admin_token
         self.host, self.port = host, port
@@ -177,10 +181,13 @@ class Ingress:
             received=time.time(),
         )
         try:
-            (outcome,) = await self.coordinator.submit([event])
+            outcome = await self._submit(event)
         except Unavailable as exc:
             return _error(503, f"coordinator unavailable, retry: {exc}", **{"Retry-After": "1"})
         return self._answer(event.id, outcome)
+
+    async def _submit_many(self, events: list[Event]) -> list[str]:
+        return await self.coordinator.submit(events)
 
     def _answer(self, event_id: str, outcome: str) -> Response:
         self._count(outcome)

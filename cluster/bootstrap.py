@@ -181,6 +181,7 @@ def deploy(
             tracking,
             c.worker_concurrency,
             runtime_env={"env_vars": worker_env},
+            scheduling_strategy="SPREAD",  # on a multi-node Ray, one per node where possible
         )
         workers.append(RayWorkerHandle(f"worker-{i}", actor, recipe=recipe))
     shards = shard_plan(config)
@@ -216,7 +217,7 @@ def deploy(
     host_specs: dict[str, list[ClockSpec]] = {}
     hosts = []
     specs = config.clock_specs()
-    host_env = {"env_vars": source_env(specs)}
+    host_env = source_env(specs)
     for i, group in enumerate(partition(specs, c.clocks_per_host)):
         name = f"host-{i}"
         host_specs[name] = group
@@ -228,8 +229,9 @@ def deploy(
             group,
             state_dir,
             host_coord,
+            host_env,
             max_task_retries=-1,
-            runtime_env=host_env,
+            scheduling_strategy="SPREAD",
         )
         hosts.append(RayHandle(name, actor, 30.0, recipe))
     port = c.ingress.port or free_port(c.ingress.host)

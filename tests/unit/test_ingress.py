@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -404,3 +405,31 @@ async def test_bad_control_request_is_400_not_a_server_error(
     response = await client.request(method, path, content=body, headers=ADMIN_AUTH)
     assert response.status_code == 400
     assert response.json()["error"].startswith("bad request: ")
+
+
+class SlowRecordingCoordinator:
+    """Takes a while per call (a Ray round trip) and records each batch it was given."""
+
+    def __init__(self, inner: Coordinator) -> None:
+        self.inner = inner
+        self.batches: list[list[str]] = []
+
+    async def submit(
+        self, events: list[Event], rejections: list[SourceRejection] | None = None
+    ) -> list[str]:
+        self.batches.append([e.id for e in events])
+        await asyncio.sleep(0.02)
+        return await self.inner.submit(events, rejections)
+
+
+async def test_concurrent_posts_share_coordinator_calls_and_each_gets_its_answer(
+    coord: Coordinator,
+) -> None:
+    slow = SlowRecordingCoordinator(coord)
+    async with client_for(make_ingress(slow)) as c:
+        bodies = [{"id": f"e{i % 20}", "payload": {}} for i in range(30)]  # 10 repeats
+        answers = await asyncio.gather(*(c.post(OPEN, json=b) for b in bodies))
+    assert sorted(r.status_code for r in answers) == [200] * 10 + [202] * 20
+    assert len(slow.batches) < 30  # batched: fewer calls than requests
+    assert sorted(i for batch in slow.batches for i in batch) == sorted(b["id"] for b in bodies)
+    assert (await flow_counts(coord, "open"))["events"]["accepted"] == 20
