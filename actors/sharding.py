@@ -111,6 +111,13 @@ class CoordinatorShards:
         return [v for part in parts for v in part]
 
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        """``RayHandle.call``-style access (the driver's ``LocalCluster.call``)."""
-        coro = getattr(self, method)(*args)
+        """``RayHandle.call``-style access (the driver's ``LocalCluster.call``). A method the
+        router does not merge (``ping``, ...) goes to the only shard, if there is one."""
+        if hasattr(type(self), method):
+            target: Any = self
+        elif len(self.shards) == 1:
+            target = self.shards[0]
+        else:
+            raise AttributeError(f"{method!r} is per shard: call one of the coordinator shards")
+        coro = getattr(target, method)(*args)
         return await (coro if timeout is None else asyncio.wait_for(coro, timeout))

@@ -127,6 +127,7 @@ async def test_one_shard_router_is_a_pass_through(tmp_path: Path) -> None:
         router = CoordinatorShards([shard])
         assert await router.submit([make_event("a", flow="f0")]) == ["accepted"]
         assert await router.call("latencies") == await shard.latencies()
+        assert (await router.call("ping"))["name"] == "coordinator"  # not merged: the shard's
     assert (tmp_path / "ledger.db").exists()
 
 
