@@ -114,10 +114,11 @@ class CoordinatorShards:
         """``RayHandle.call``-style access (the driver's ``LocalCluster.call``). A method the
         router does not merge (``ping``, ...) goes to the only shard, if there is one."""
         if hasattr(type(self), method):
-            target: Any = self
+            coro = getattr(self, method)(*args)
         elif len(self.shards) == 1:
-            target = self.shards[0]
+            shard = self.shards[0]
+            remote = getattr(shard, "call", None)  # a Ray handle: call the actor's method
+            coro = remote(method, *args) if remote else getattr(shard, method)(*args)
         else:
             raise AttributeError(f"{method!r} is per shard: call one of the coordinator shards")
-        coro = getattr(target, method)(*args)
         return await (coro if timeout is None else asyncio.wait_for(coro, timeout))
