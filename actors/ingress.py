@@ -36,6 +36,7 @@ from actors.handles import CoordinatorHandle, SourceRejection
 log = logging.getLogger(__name__)
 
 BUSY_RETRY_AFTER = 2  # seconds a client is asked to wait while workers catch up
+MAX_OPEN_REQUESTS = 2048
 
 
 class ControlHandle(Protocol):
@@ -120,6 +121,9 @@ class Ingress:
             log_level="warning",
             lifespan="off",
             access_log=False,
+            # Bounded memory under a flood: past this many open requests (each up to
+            # ``max_payload_bytes``) uvicorn answers 503 at once instead of reading more.
+            limit_concurrency=MAX_OPEN_REQUESTS,
         )
         server = _QuietServer(config)
         self._server = server
