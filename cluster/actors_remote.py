@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from actors.clocks import ClockSpec
 from actors.coordinator import Coordinator, FlowPolicy, TenantPolicy
 from actors.handles import CoordinatorHandle, PingHandle
@@ -58,10 +60,13 @@ class HostActor(ListenerHost):
         # start a dedicated process instead of taking a ready one (+0.4 s per host restart).
         os.environ.update(env or {})
         super().__init__(host_id, list(specs), Path(state_dir), coordinator)
-        # Listen as soon as the process exists: a host Ray restarted after a crash must not
-        # wait for the supervisor's next heartbeat to start its clocks (``start`` is
-        # idempotent; the async actor's loop is already running here).
-        self._autostart = asyncio.get_running_loop().create_task(self.start())
+        # A host Ray restarted after a crash listens again at once instead of waiting for the
+        # supervisor's next heartbeat (``start`` is idempotent; the async actor's loop is
+        # already running here). A first start keeps the deploy order: workers, coordinators,
+        # then hosts.
+        self._autostart = None
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            self._autostart = asyncio.get_running_loop().create_task(self.start())
 
 
 class WorkerActor(FlowWorker):
