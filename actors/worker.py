@@ -30,6 +30,7 @@ from typing import Any
 from actors.entrypoint import load_flow
 from actors.flow_runner import FlowRunner, PrefectClients, flush_prefect_services
 from actors.handles import RunOutcome
+from actors.journal import AttemptJournal
 
 RECENT_OUTCOMES = 10_000
 TRACKED_CONCURRENCY = 4
@@ -60,6 +61,7 @@ class FlowWorker:
         max_threads: int = 8,
         env: dict[str, str] | None = None,
         tracked_concurrency: int = TRACKED_CONCURRENCY,
+        journal: Path | None = None,
     ) -> None:
         os.environ.update(env or {})
         self.index = index
@@ -72,6 +74,7 @@ class FlowWorker:
         self._tracked_slots = asyncio.Semaphore(max(1, tracked_concurrency))
         self._inflight: dict[tuple[Any, ...], asyncio.Future[RunOutcome]] = {}
         self._recent: OrderedDict[tuple[Any, ...], RunOutcome] = OrderedDict()
+        self.journal = AttemptJournal(journal)
         self.runs_started = 0
 
     def _runner(self, tenant: str, flow: str) -> FlowRunner:
@@ -118,6 +121,16 @@ class FlowWorker:
             return self._recent[key]
         fut = self._inflight.get(key)
         if fut is None:
+            if self.journal.began_before(key):
+                # Begun by an earlier incarnation of this worker, which died: never run an
+                # attempt twice; the coordinator retries it as a new attempt.
+                return RunOutcome(
+                    ok=False,
+                    error=f"worker {self.index} restarted during attempt {attempt}",
+                    started_at=time.time(),
+                    finished_at=time.time(),
+                )
+            self.journal.begin(key)
             fut = asyncio.ensure_future(self._run(event, attempt))
             self._inflight[key] = fut
             fut.add_done_callback(lambda f: self._remember(key, f))
@@ -163,6 +176,7 @@ class FlowWorker:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+        self.journal.close()
 
     async def ping(self) -> dict[str, Any]:
         return {

@@ -70,9 +70,17 @@ class HostActor(ListenerHost):
 
 
 class WorkerActor(FlowWorker):
-    def __init__(self, index: int, targets: list[FlowTarget], tracking: str, threads: int) -> None:
+    def __init__(
+        self,
+        index: int,
+        targets: list[FlowTarget],
+        tracking: str,
+        threads: int,
+        state_dir: str | None = None,
+    ) -> None:
         _logging()
-        super().__init__(index, targets, tracking=tracking, max_threads=threads)
+        journal = Path(state_dir) / "workers" / f"worker-{index}.journal" if state_dir else None
+        super().__init__(index, targets, tracking=tracking, max_threads=threads, journal=journal)
 
 
 class IngressActor(Ingress):

@@ -180,6 +180,7 @@ def deploy(
             targets,
             tracking,
             c.worker_concurrency,
+            state_dir,
             runtime_env={"env_vars": worker_env},
             scheduling_strategy="SPREAD",  # on a multi-node Ray, one per node where possible
         )

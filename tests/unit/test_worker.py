@@ -156,3 +156,32 @@ async def test_untracked_runs_are_not_capped_by_the_tracked_limit() -> None:
     finally:
         flows_unit.reset()
         await worker.stop()
+
+
+async def test_an_attempt_begun_by_a_dead_incarnation_is_failed_not_run_again(tmp_path) -> None:
+    flows_unit.reset()
+    journal = tmp_path / "worker-0.journal"
+    target = [FlowTarget("acme", "rec", flow_obj=flows_unit.record_flow)]
+    ev = event("rec")
+    first = FlowWorker(0, target, journal=journal)
+    assert (await first.run(ev, 1)).ok
+    assert (await first.run(ev, 1)).ok  # same incarnation: the remembered outcome
+    # The worker process dies (nothing is closed) and Ray starts a new one; a restarted
+    # coordinator re-sends attempt 1, which the new incarnation must not run again.
+    second = FlowWorker(0, target, journal=journal)
+    again = await second.run(ev, 1)
+    assert not again.ok and "restarted during attempt 1" in (again.error or "")
+    assert (await second.run(ev, 2)).ok  # the coordinator's retry is a new attempt
+    assert flows_unit.CALLS[ev["id"]] == [1, 2]
+    # A replay (new series) of the same attempt number is a new attempt too.
+    assert (await second.run(ev, 1, series=1)).ok
+    await second.stop()
+
+
+async def test_a_torn_journal_line_is_skipped(tmp_path) -> None:
+    journal = tmp_path / "worker-0.journal"
+    journal.write_text('["acme", "rec", "e1", 0, 1]\n["acme", "r')
+    worker = FlowWorker(0, [], journal=journal)
+    assert worker.journal.began_before(("acme", "rec", "e1", 0, 1))
+    assert not worker.journal.began_before(("acme", "rec", "e2", 0, 1))
+    await worker.stop()
