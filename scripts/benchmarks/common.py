@@ -46,15 +46,29 @@ def summary_ms(values: list[float]) -> dict[str, float]:
     }
 
 
-def start_cluster(root: Path, prefect: str) -> LocalCluster:
-    log = root / "probe.jsonl"
-    (root / "bench_flows.py").write_text(PROBE_FLOW.format(log=str(log)))
+def start_cluster(
+    root: Path,
+    prefect: str,
+    *,
+    flow_source: str = PROBE_FLOW,
+    log_name: str = "probe.jsonl",
+    workers: int = 2,
+    max_concurrent_runs: int = 64,
+    **cluster_options: Any,
+) -> LocalCluster:
+    """A cluster with one webhook flow ``bench/probe`` whose body is ``flow_source`` (a
+    template with ``{log}``, the file it appends its rows to)."""
+    (root / "bench_flows.py").write_text(flow_source.format(log=str(root / log_name)))
     config = {
-        "cluster": {"prefect": prefect, "ingress": {"port": 0}, "workers": 2},
+        "cluster": {"prefect": prefect, "ingress": {"port": 0}, "workers": workers}
+        | cluster_options,
         "tenants": [
             {
                 "name": "bench",
-                "quotas": {"max_events_per_second": 100_000, "max_concurrent_runs": 64},
+                "quotas": {
+                    "max_events_per_second": 100_000,
+                    "max_concurrent_runs": max_concurrent_runs,
+                },
             }
         ],
         "flows": [

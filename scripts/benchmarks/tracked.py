@@ -28,10 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from benchmarks import common
 from benchmarks._load import fire
-from cluster.config import load_config
 from cluster.runtime import LocalCluster
 
 NAME = "tracked"
@@ -105,31 +103,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def start_cluster(root: Path, workers: int, concurrency: int) -> LocalCluster:
-    (root / "bench_flows.py").write_text(FLOW.format(log=str(root / "runs.jsonl")))
-    config = {
-        "cluster": {
-            "prefect": "embedded",
-            "ingress": {"port": 0},
-            "workers": workers,
-            "worker_concurrency": concurrency,
-        },
-        "tenants": [
-            {
-                "name": "bench",
-                "quotas": {"max_events_per_second": 100_000, "max_concurrent_runs": 1000},
-            }
-        ],
-        "flows": [
-            {
-                "name": "probe",
-                "tenant": "bench",
-                "entrypoint": "bench_flows.py:probe",
-                "clocks": [{"type": "webhook"}],
-            }
-        ],
-    }
-    (root / "listeners.yaml").write_text(yaml.safe_dump(config))
-    return LocalCluster(load_config(root / "listeners.yaml")).start(timeout=180)
+    return common.start_cluster(
+        root,
+        "embedded",
+        flow_source=FLOW,
+        log_name="runs.jsonl",
+        workers=workers,
+        max_concurrent_runs=1000,
+        worker_concurrency=concurrency,
+    )
 
 
 def completed_runs(cluster: LocalCluster, prefix: str) -> list[dict[str, Any]]:

@@ -223,3 +223,16 @@ def all_in_state(coordinator: Coordinator, n: int, state: str) -> Condition:
         return len(states) == n and all(s == state for s in states)
 
     return cond
+
+
+def peak_overlap(outcomes: list[Any]) -> int:
+    """Most runs in flight at once, from their started/finished times."""
+    edges = sorted(
+        [(o.started_at, 1) for o in outcomes] + [(o.finished_at, -1) for o in outcomes],
+        key=lambda edge: (edge[0], edge[1]),
+    )
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak

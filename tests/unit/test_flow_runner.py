@@ -28,6 +28,7 @@ from actors.flow_runner import (
     shorten_id,
 )
 from tests import flows_for_tests as flows
+from tests.unit.helpers import peak_overlap
 
 
 def make_event(**over: Any) -> dict[str, Any]:
@@ -210,18 +211,6 @@ def test_disable_ephemeral_server_for_process_backstop() -> None:
         [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-
-
-def peak_overlap(outcomes: list[Any]) -> int:
-    edges = sorted(
-        [(o.started_at, 1) for o in outcomes] + [(o.finished_at, -1) for o in outcomes],
-        key=lambda edge: (edge[0], edge[1]),
-    )
-    running = peak = 0
-    for _, step in edges:
-        running += step
-        peak = max(peak, running)
-    return peak
 
 
 async def test_runners_sharing_a_pool_are_bounded_together(runner_factory) -> None:

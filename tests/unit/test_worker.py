@@ -12,6 +12,7 @@ from actors.handles import RunOutcome
 from actors.worker import FlowTarget, FlowWorker
 from tests import flows_for_tests as flows
 from tests.unit import flows_unit
+from tests.unit.helpers import peak_overlap
 
 
 def event(flow: str, **payload: Any) -> dict[str, Any]:
@@ -24,18 +25,6 @@ def event(flow: str, **payload: Any) -> dict[str, Any]:
         "occurred": "2024-01-01T00:00:00+00:00",
         "payload": payload,
     }
-
-
-def peak_overlap(outcomes: list[Any]) -> int:
-    edges = sorted(
-        [(o.started_at, 1) for o in outcomes] + [(o.finished_at, -1) for o in outcomes],
-        key=lambda edge: (edge[0], edge[1]),
-    )
-    running = peak = 0
-    for _, step in edges:
-        running += step
-        peak = max(peak, running)
-    return peak
 
 
 async def test_sync_flows_of_all_targets_share_one_bounded_pool() -> None:
