@@ -39,12 +39,19 @@ def main() -> int:
     # Ray's raylet and workers print warnings to the driver's stdout: keep stdout for the JSON.
     real_stdout = os.dup(1)
     os.dup2(2, 1)
+    before = os.getloadavg()
     try:
         doc = runners[args.name](args)
     finally:
         sys.stdout.flush()
         os.dup2(real_stdout, 1)
         os.close(real_stdout)
+    # Other work on the machine skews every figure: every document says how busy it was.
+    doc["machine"] = {
+        "cpus": os.cpu_count(),
+        "loadavg_before": [round(x, 2) for x in before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+    } | doc.get("machine", {})
     json.dump(doc, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -107,15 +104,6 @@ def latency_mode(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    before = os.getloadavg()
-    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON only
-        doc = _run(args)
-    # Other work on the machine skews every figure: say how busy it was.
-    doc["machine"] = {"loadavg_before": before, "loadavg_after": os.getloadavg()}
-    return doc
-
-
-def _run(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     rates = _rates(args.rate, args.rates)
     tracked_rates = _rates(args.tracked_rate, args.tracked_rates)

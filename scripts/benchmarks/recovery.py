@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import contextlib
 import json
 import logging
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -297,16 +295,6 @@ def actor_back(cluster: LocalCluster, target: str, old_pid: int, t_kill: float) 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    # Ray prints the errors of killed workers on the driver's stdout: keep stdout for the JSON.
-    before = os.getloadavg()
-    with contextlib.redirect_stdout(sys.stderr):
-        doc = _run(args)
-    # Other work on the machine skews every figure: say how busy it was.
-    doc["machine"] = {"loadavg_before": before, "loadavg_after": os.getloadavg()}
-    return doc
-
-
-def _run(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     stream = f"bench-recovery-{uuid.uuid4().hex[:8]}"

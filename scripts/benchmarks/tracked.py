@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -236,15 +235,6 @@ def bare_side(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    before = os.getloadavg()
-    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON only
-        doc = _run(args)
-    # Other work on the machine skews every figure: say how busy it was.
-    doc["machine"] = {"loadavg_before": before, "loadavg_after": os.getloadavg()}
-    return doc
-
-
-def _run(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-tracked-") as tmp:

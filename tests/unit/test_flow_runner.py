@@ -139,15 +139,7 @@ async def test_sync_runs_are_concurrent_and_bounded_by_the_pool(runner_factory) 
     threads = {flows.SEEN[e["id"]]["thread"] for e in events}
     assert 1 < len(threads) <= 4
     # Runs overlap (concurrent), but never more than the pool's 4 at once.
-    edges = sorted(
-        [(o.started_at, 1) for o in outcomes] + [(o.finished_at, -1) for o in outcomes],
-        key=lambda edge: (edge[0], edge[1]),
-    )
-    running = peak = 0
-    for _, step in edges:
-        running += step
-        peak = max(peak, running)
-    assert 1 < peak <= 4
+    assert 1 < peak_overlap(outcomes) <= 4
 
 
 async def test_async_runs_overlap_on_the_loop(runner_factory) -> None:
