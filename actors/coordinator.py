@@ -31,6 +31,7 @@ from actors.group_commit import GroupCommit
 from actors.handles import RunOutcome, SourceRejection, WorkerHandle
 from actors.ledger import Finish, FlowCounts, Ledger, RejectionRecord, RunRecord
 from actors.quota import TokenBucket
+from actors.wire import WireServed
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,9 @@ class TenantPolicy:
     max_pending_runs: int = 100_000
 
 
-class Coordinator(BatchDelivery, FlowQueues):
+class Coordinator(BatchDelivery, FlowQueues, WireServed):
+    WIRE_METHODS = frozenset({"submit_packed"})  # the hot call of hosts and the ingress
+
     def __init__(
         self,
         ledger: Ledger,
@@ -152,6 +155,7 @@ class Coordinator(BatchDelivery, FlowQueues):
         """Stop dispatching; wait up to ``drain_timeout`` for running attempts. Returns how
         many were still running (they stay ``running`` in the ledger and resume on restart)."""
         self._stopping = True
+        await self.close_wire()
         for timer in [*self._timers.values(), *self._batch_timers.values()]:
             timer.cancel()
         self._timers.clear()

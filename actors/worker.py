@@ -31,6 +31,7 @@ from actors.entrypoint import load_flow
 from actors.flow_runner import FlowRunner, PrefectClients, flush_prefect_services
 from actors.handles import RunOutcome
 from actors.journal import AttemptJournal
+from actors.wire import WireServed
 
 RECENT_OUTCOMES = 10_000
 TRACKED_CONCURRENCY = 4
@@ -52,7 +53,9 @@ class FlowTarget:
         return (self.tenant, self.flow)
 
 
-class FlowWorker:
+class FlowWorker(WireServed):
+    WIRE_METHODS = frozenset({"run"})  # the coordinator's hot call
+
     def __init__(
         self,
         index: int,
@@ -165,6 +168,7 @@ class FlowWorker:
     async def stop(self, timeout: float = 30.0) -> None:
         """Wait for runs in flight, then flush and close every runner's Prefect clients (the
         Prefect server must still be up: logs and events are sent in background batches)."""
+        await self.close_wire()
         if self._inflight:
             await asyncio.wait(list(self._inflight.values()), timeout=timeout)
         for runner in self._runners.values():

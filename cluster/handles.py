@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +19,11 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from actors.errors import Unavailable
 from actors.event import Event, pack_events
 from actors.handles import RunOutcome, SourceRejection
+from actors.wire import WireCallError, WireClient, WireDown, node_identity
 
 RELOOKUP_INTERVAL = 0.5
+WIRE_RETRY_INTERVAL = 0.5  # how often a handle without a lane asks for one
+log = logging.getLogger(__name__)
 ACTOR_DOWN = (RayActorError, ActorUnavailableError, GetTimeoutError, asyncio.TimeoutError)
 
 
@@ -54,7 +58,13 @@ class RayHandle:
     With a ``namespace`` (or a recipe), a call that finds the actor gone looks its name up
     again: when Ray gave up on the actor and the supervisor created a new one under the same
     name, every copy of this handle (in hosts, the ingress, ...) follows it.
+
+    Methods in ``wire_methods`` take the actor's fast lane (``actors/wire.py``) when it is on
+    this node; whenever the lane is missing, broken or the method raised there, the same call
+    goes through Ray, so failures look exactly as they do without the lane.
     """
+
+    wire_methods: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -70,9 +80,27 @@ class RayHandle:
         self.recipe = recipe
         self.namespace = namespace or (recipe.namespace if recipe else None)
         self._looked_up = 0.0
+        self._wire: WireClient | None = None
+        self._wire_asked = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_wire"], state["_wire_asked"] = None, 0.0  # a lane belongs to one process
+        return state
 
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         limit = timeout if timeout is not None else self.timeout
+        if method in self.wire_methods:
+            lane = await self._lane()
+            if lane is not None:
+                try:
+                    if limit is None:
+                        return await lane.call(method, *args)
+                    return await asyncio.wait_for(lane.call(method, *args), limit)
+                except (WireDown, WireCallError) as exc:
+                    log.debug("%s.%s off the lane (%s): through Ray", self.name, method, exc)
+                except TimeoutError:
+                    raise Unavailable(f"{self.name}: no answer in {limit} s") from None
         try:
             return await self._call(method, args, limit)
         except ACTOR_DOWN as exc:
@@ -88,6 +116,29 @@ class RayHandle:
         if limit is None:
             return await ref
         return await asyncio.wait_for(ref, limit)
+
+    async def _lane(self) -> WireClient | None:
+        """The actor's fast lane, asked for at most every ``WIRE_RETRY_INTERVAL`` seconds
+        while there is none (first call, actor restarted, another node)."""
+        lane = self._wire
+        if lane is not None and not lane.broken and lane.usable_here():
+            return lane
+        if lane is not None:
+            lane.close()
+            self._wire = None
+        now = time.monotonic()
+        if now - self._wire_asked < WIRE_RETRY_INTERVAL:
+            return None
+        self._wire_asked = now
+        try:
+            where = await self._call("wire_endpoint", (), 10.0)
+        except Exception as exc:  # an older actor, or one that is down: Ray it is
+            log.debug("%s has no fast lane: %s", self.name, exc)
+            return None
+        if where.get("node") != node_identity():
+            return None
+        self._wire = WireClient(where["host"], where["port"], where["token"])
+        return self._wire
 
     def _follow_rename(self) -> bool:
         """Point at the actor now registered under our name, if it is a different one
@@ -126,6 +177,8 @@ class RayHandle:
 
 
 class RayCoordinatorHandle(RayHandle):
+    wire_methods = frozenset({"submit_packed"})
+
     async def submit(
         self, events: list[Event], rejections: list[SourceRejection] | None = None
     ) -> list[str]:
@@ -133,8 +186,11 @@ class RayCoordinatorHandle(RayHandle):
 
 
 class RayWorkerHandle(RayHandle):
+    wire_methods = frozenset({"run"})
+
     async def run(self, event: dict[str, Any], attempt: int, series: int = 0) -> RunOutcome:
         try:
-            return await self.call("run", event, attempt, series)
+            outcome = await self.call("run", event, attempt, series)
         except Unavailable as exc:
             return RunOutcome(ok=False, error=f"worker died during the run: {exc}")
+        return RunOutcome.from_dict(outcome) if isinstance(outcome, dict) else outcome
