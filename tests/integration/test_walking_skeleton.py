@@ -99,6 +99,10 @@ def test_webhook_posts_twice_give_202_then_200_and_exactly_one_run_each(make_clu
     assert set(c.executions().values()) == {1}
     events = c.status()["events"]
     assert (events["seen"], events["accepted"], events["duplicate"]) == (200, 100, 100)
+    # the hot hops took the fast lane: ingress → coordinator and coordinator → workers
+    assert c.cluster.call("coordinator", "wire_stats")["served"] > 0
+    workers = [h.name for h in c.cluster.deployment.workers]
+    assert sum(c.cluster.call(w, "wire_stats")["served"] for w in workers) > 0
 
 
 def test_bad_webhook_input_is_rejected_with_its_status_and_the_cluster_keeps_serving(make_cluster):
@@ -195,6 +199,14 @@ def test_coordinator_killed_mid_stream_loses_nothing_and_runs_nothing_twice(make
     wait_until(lambda: c.completed() == n, timeout=90, what=f"{n} runs")
     assert len(c.executions()) == n
     assert max(c.executions().values()) == 1
+    # the restarted coordinator serves a new lane, and the ingress found it
+    wait_until(
+        lambda: (
+            c.post("ingest", {"id": f"after-{uuid.uuid4()}", "payload": {}}).status_code == 202
+            and c.cluster.call("coordinator", "wire_stats")["served"] > 0
+        ),
+        what="the ingress on the restarted coordinator's lane",
+    )
 
 
 def test_listener_host_killed_gets_its_clocks_back_and_loses_nothing(make_cluster, tmp_path):
