@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from actors.errors import LedgerError
+from actors.ledger import postgres_target
 from actors.ledger.base import (
     Finish,
     FlowCounts,
@@ -14,6 +15,7 @@ from actors.ledger.base import (
     RunRecord,
     RunState,
 )
+from actors.ledger.postgres_target import INSTALL_HINT, is_postgres_url, mask_url, run_sync
 from actors.ledger.sqlite import SQLiteLedger
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "RunState",
     "SQLiteLedger",
     "check_shard_layout",
+    "is_postgres_url",
+    "is_sqlite_url",
     "ledger_path",
     "open_ledger",
     "shard_ledger_url",
@@ -42,19 +46,37 @@ def ledger_path(url: str, state_dir: Path) -> Path:
     raise LedgerError(f"not a sqlite ledger URL: {url!r}")
 
 
+def is_sqlite_url(url: str) -> bool:
+    return url == "sqlite" or url.startswith("sqlite:///")
+
+
 def open_ledger(url: str, state_dir: Path, synchronous: str = "normal") -> Ledger:
-    if url == "sqlite" or url.startswith("sqlite:///"):
+    """The ledger at ``url``. ``synchronous`` tunes SQLite only (PostgreSQL commits with the
+    server's ``synchronous_commit``). A PostgreSQL ledger connects on first use, in the
+    caller's event loop."""
+    if is_sqlite_url(url):
         return SQLiteLedger(ledger_path(url, state_dir), synchronous=synchronous)
+    if is_postgres_url(url):
+        try:
+            from actors.ledger.postgres import PostgresLedger
+        except ImportError as exc:
+            raise LedgerError(
+                f"the postgresql ledger needs asyncpg, which is not installed: {INSTALL_HINT}"
+            ) from exc
+        return PostgresLedger(url, state_dir)
     scheme = url.split(":", 1)[0]
     raise LedgerError(
-        f"ledger backend {scheme!r} is not available in this build; use 'sqlite' "
-        "(Redis and PostgreSQL ledgers are planned for multi-node clusters)"
+        f"ledger backend {scheme!r} is not available in this build; use 'sqlite' or "
+        "'postgresql://...' (a Redis ledger is planned for multi-node clusters)"
     )
 
 
 def shard_ledger_url(url: str, shard: int, shards: int) -> str:
     """The ledger of one coordinator shard. One shard keeps the plain file; with ``n`` shards,
-    shard ``i`` of a SQLite ledger lives beside it as ``<name>.shard<i>of<n>.db``."""
+    shard ``i`` of a SQLite ledger lives beside it as ``<name>.shard<i>of<n>.db``, and shard
+    ``i`` of a PostgreSQL ledger in the schema ``<namespace>_shard<i>of<n>``."""
+    if is_postgres_url(url):
+        return postgres_target.shard_url(url, shard, shards)
     if shards <= 1 or not url.startswith("sqlite:///"):
         return url
     path = Path(url.removeprefix("sqlite:///"))
@@ -66,10 +88,22 @@ def shard_paths(url: str, state_dir: Path, shards: int) -> list[Path]:
 
 
 def check_shard_layout(url: str, state_dir: Path, shards: int) -> None:
-    """Refuse to start over a SQLite ledger written with a different ``coordinator_shards``:
-    flows would hash to other shards, whose files do not hold their idempotency keys, and
-    events already run would run again."""
-    if not (url == "sqlite" or url.startswith("sqlite:///")):
+    """Refuse to start over a ledger written with a different ``coordinator_shards``: flows
+    would hash to other shards, whose files (schemas) do not hold their idempotency keys, and
+    events already run would run again. A PostgreSQL ledger is connected to here, so an
+    unreachable server fails ``up`` before any actor starts."""
+    if is_postgres_url(url):
+        target = postgres_target.parse(url, state_dir)
+        other = sorted(run_sync(postgres_target.shard_counts(target)) - {shards})
+        if other:
+            raise LedgerError(
+                f"the ledger in schema {target.schema!r} at {mask_url(target.dsn)} was written "
+                f"with coordinator_shards={other[0]}, the config asks for {shards}: flows would "
+                "move to shards that do not hold their event ids. Keep coordinator_shards, or "
+                "use a new state_dir or ledger namespace."
+            )
+        return
+    if not is_sqlite_url(url):
         return
     base = ledger_path(url, state_dir)
     pattern = re.compile(rf"^{re.escape(base.stem)}\.shard\d+of(\d+){re.escape(base.suffix)}$")
