@@ -136,7 +136,8 @@ class PostgresLedger:
         first: dict[Key, int] = {}
         for i, e in enumerate(events):
             first.setdefault(e.key, i)
-        offered = [events[i] for i in first.values()]
+        # In key order: writers racing on overlapping batches take row locks in one order.
+        offered = [events[first[key]] for key in sorted(first)]
         now = time.time()
 
         async def op(conn: asyncpg.Connection) -> list[bool]:
