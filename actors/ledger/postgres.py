@@ -16,6 +16,7 @@ connection fails the call in flight with a :class:`LedgerError` and is opened ag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -78,6 +79,7 @@ class PostgresLedger:
         self.schema = self.target.table_schema
         self._sql = sql.statements(self.schema)
         self._conn: asyncpg.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the connection
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -105,6 +107,7 @@ class PostgresLedger:
 
     async def _run(self, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run ``op`` alone on the connection; a lost connection becomes a LedgerError."""
+        self._follow_loop()
         async with self._lock:
             conn = await self._connection()
             try:
@@ -117,7 +120,20 @@ class PostgresLedger:
                     f"({type(exc).__name__}: {exc}); the call may or may not have committed"
                 ) from exc
 
+    def _follow_loop(self) -> None:
+        """A connection belongs to one event loop: called from another (a script calling
+        ``asyncio.run`` twice), leave the old connection and open a new one there."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.terminate()
+            self._conn = None
+        self._loop, self._lock = loop, asyncio.Lock()
+
     async def close(self) -> None:
+        self._follow_loop()
         async with self._lock:
             self._closed = True
             conn, self._conn = self._conn, None
