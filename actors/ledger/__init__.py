@@ -31,6 +31,7 @@ __all__ = [
     "is_sqlite_url",
     "ledger_path",
     "open_ledger",
+    "open_written_shards",
     "shard_ledger_url",
     "shard_paths",
 ]
@@ -81,6 +82,22 @@ def shard_ledger_url(url: str, shard: int, shards: int) -> str:
         return url
     path = Path(url.removeprefix("sqlite:///"))
     return f"sqlite:///{path.with_name(f'{path.stem}.shard{shard}of{shards}{path.suffix}')}"
+
+
+async def open_written_shards(url: str, state_dir: Path, shards: int) -> list[Ledger]:
+    """The ledger of every coordinator shard that has been written (for reads while the cluster
+    is down): SQLite shard files that exist, PostgreSQL shard schemas that exist."""
+    if is_sqlite_url(url):
+        return [SQLiteLedger(p) for p in shard_paths(url, state_dir, shards) if p.exists()]
+    if not is_postgres_url(url):
+        return []
+    written = await postgres_target.ledger_schemas(postgres_target.parse(url, state_dir))
+    urls = [shard_ledger_url(url, i, shards) for i in range(shards)]
+    return [
+        open_ledger(u, state_dir)
+        for u in urls
+        if postgres_target.parse(u, state_dir).table_schema in written
+    ]
 
 
 def shard_paths(url: str, state_dir: Path, shards: int) -> list[Path]:

@@ -124,9 +124,9 @@ async def connect(target: PgTarget, timeout: float = 10.0) -> Any:
         ) from exc
 
 
-async def shard_counts(target: PgTarget) -> set[int]:
-    """The ``coordinator_shards`` values this ledger was written with (its schemas that hold a
-    ``runs`` table); empty for a new ledger. Connecting checks the server answers."""
+async def ledger_schemas(target: PgTarget) -> set[str]:
+    """The schemas of this ledger (the base one and its shards') that hold a ``runs`` table.
+    Connecting checks the server answers."""
     conn = await connect(target)
     try:
         rows = await conn.fetch(
@@ -137,10 +137,14 @@ async def shard_counts(target: PgTarget) -> set[int]:
         )
     finally:
         await conn.close()
+    return {row["table_schema"] for row in rows}
+
+
+async def shard_counts(target: PgTarget) -> set[int]:
+    """The ``coordinator_shards`` values this ledger was written with; empty for a new one."""
     pattern = re.compile(rf"^{re.escape(target.schema)}_shard\d+of(\d+)$")
     found: set[int] = set()
-    for row in rows:
-        name = row["table_schema"]
+    for name in await ledger_schemas(target):
         if name == target.schema:
             found.add(1)
         elif m := pattern.match(name):
