@@ -41,7 +41,12 @@ from actors.ledger.postgres_target import PgTarget, connect, parse
 T = TypeVar("T")
 Key = tuple[str, str, str]
 MAX_REJECTIONS_KEPT = 10_000
-_CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError)
+_CONNECTION_ERRORS = (  # the connection is gone (or the server going): open a new one
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+)
 
 
 def _pack(event: Event) -> bytes:
@@ -119,6 +124,11 @@ class PostgresLedger:
                     f"lost the connection to the postgresql ledger at {self.target.safe_url} "
                     f"({type(exc).__name__}: {exc}); the call may or may not have committed"
                 ) from exc
+            except asyncpg.PostgresError as exc:  # rolled back; the connection stays usable
+                raise LedgerError(
+                    f"the postgresql ledger at {self.target.safe_url} (schema {self.schema}) "
+                    f"refused a call: {type(exc).__name__}: {exc}"
+                ) from exc
 
     def _follow_loop(self) -> None:
         """A connection belongs to one event loop: called from another (a script calling
@@ -156,6 +166,8 @@ class PostgresLedger:
         offered = [events[first[key]] for key in sorted(first)]
         now = time.time()
 
+        committing: list[list[bool]] = []  # the answer, once COMMIT has been sent
+
         async def op(conn: asyncpg.Connection) -> list[bool]:
             async with conn.transaction():
                 rows = await conn.fetch(
@@ -178,9 +190,33 @@ class PostgresLedger:
                 await conn.execute(
                     self._sql.touch_flows, [f[0] for f in flows], [f[1] for f in flows], now
                 )
+                committing.append(new)
             return new
 
-        return await self._run(op)
+        try:
+            return await self._run(op)
+        except LedgerError:
+            if not committing:
+                raise  # lost before COMMIT: the server rolled the batch back
+            return await self._resolve_claim(committing[0], events, now)
+
+    async def _resolve_claim(self, new: list[bool], events: list[Event], now: float) -> list[bool]:
+        """The connection was lost after COMMIT was sent: did it commit? A resend would find
+        committed events already claimed and call them duplicates, so they would never run.
+        The events this claim inserted carry ``created = now``: if they are there, the claim
+        committed and its answer stands; if not, nothing of it committed (one transaction)."""
+        keys = [e.key for e, is_new in zip(events, new, strict=True) if is_new]
+        if not keys:
+            return new  # all duplicates either way; only this batch's counters may be lost
+        found = await self._run(
+            lambda conn: conn.fetchval(self._sql.claimed_at, *_columns(keys), now)
+        )
+        if found:
+            return new
+        raise LedgerError(
+            f"the postgresql ledger at {self.target.safe_url} did not commit a claim of "
+            f"{len(events)} events (the connection was lost); send them again"
+        )
 
     async def _bump(self, conn: asyncpg.Connection, bumps: dict[tuple[str, str, str], int]) -> None:
         if bumps:

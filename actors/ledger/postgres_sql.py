@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS {s}.rejections (
 @dataclass(frozen=True, slots=True)
 class Statements:
     claim: str
+    claimed_at: str
     bump: str
     touch_flows: str
     insert_rejection: str
@@ -92,6 +93,10 @@ def statements(schema: str) -> Statements:
             "unnest($1::text[], $2::text[], $3::text[], $4::bytea[]) "
             "AS u(tenant, flow, event_id, event) "
             "ON CONFLICT (tenant, flow, event_id) DO NOTHING RETURNING tenant, flow, event_id"
+        ),
+        claimed_at=(
+            f"SELECT count(*) FROM {s}.runs AS r, {KEYS} AS u(tenant, flow, event_id) "
+            f"WHERE {MATCH_KEY} AND r.created = $4::float8"
         ),
         bump=(
             f"INSERT INTO {s}.counters (tenant, flow, name, value) "

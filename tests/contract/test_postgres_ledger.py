@@ -197,3 +197,60 @@ async def test_commits_are_synchronous_even_when_the_session_asks_otherwise(
     setting = await led._run(lambda conn: conn.fetchval("SHOW synchronous_commit"))
     assert setting == "on"
     await led.close()
+
+
+# -- a connection lost while COMMIT is in flight -------------------------------------------
+class CommitThenLose:
+    """Stands in for ``PostgresLedger._run`` once: runs the call, then loses the answer
+    (``commit=True``: it committed), or runs it in a transaction rolled back afterwards
+    (``commit=False``: the COMMIT never reached the disk)."""
+
+    def __init__(self, led: PostgresLedger, commit: bool) -> None:
+        self.led, self.commit, self.real = led, commit, led._run
+
+    async def __call__(self, op):  # type: ignore[no-untyped-def]
+        self.led._run = self.real  # type: ignore[method-assign]
+        if self.commit:
+            await self.real(op)
+        else:
+
+            async def rolled_back(conn: asyncpg.Connection) -> None:
+                tr = conn.transaction()
+                await tr.start()
+                await op(conn)  # its own transaction is a savepoint inside ours
+                await tr.rollback()
+
+            await self.real(rolled_back)
+        raise LedgerError("lost the connection (simulated)")
+
+
+@pytest.mark.parametrize("committed", [True, False])
+async def test_a_claim_whose_commit_answer_was_lost_tells_what_happened(
+    pg: asyncpg.Connection, namespace: str, tmp_path: Path, committed: bool
+) -> None:
+    led = open_ledger(f"{PG_URL}?namespace={namespace}", tmp_path)
+    assert isinstance(led, PostgresLedger)
+    await led.claim([make_event("old")])
+    led._run = CommitThenLose(led, committed)  # type: ignore[method-assign]
+    batch = [make_event("old"), make_event("n1"), make_event("n2")]
+    if committed:  # the answer stands: a resend would call n1, n2 duplicates and never run them
+        assert await led.claim(batch) == [False, True, True]
+    else:
+        with pytest.raises(LedgerError, match="did not commit"):
+            await led.claim(batch)
+        assert await led.claim(batch) == [False, True, True]  # the resend claims them
+    assert sorted(e.id for e in await led.pending("acme", "ingest", 10)) == ["n1", "n2", "old"]
+    await led.close()
+
+
+async def test_a_server_error_is_a_ledger_error_and_the_connection_stays(
+    pg: asyncpg.Connection, namespace: str, tmp_path: Path
+) -> None:
+    led = open_ledger(f"{PG_URL}?namespace={namespace}", tmp_path)
+    await led.claim([make_event("e1")])
+    await pg.execute(f'ALTER TABLE "{namespace}".flows RENAME TO flows_gone')
+    with pytest.raises(LedgerError, match="refused a call"):
+        await led.paused()
+    await pg.execute(f'ALTER TABLE "{namespace}".flows_gone RENAME TO flows')
+    assert await led.paused() == set()
+    await led.close()
