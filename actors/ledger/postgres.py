@@ -44,6 +44,7 @@ MAX_REJECTIONS_KEPT = 10_000
 _CONNECTION_ERRORS = (  # the connection is gone (or the server going): open a new one
     OSError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # e.g. the server's FATAL arrived while a query was sent
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,
 )
