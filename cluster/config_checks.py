@@ -24,7 +24,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from actors.entrypoint import load_flow
-from actors.errors import FlowLoadError, ListenerError
+from actors.errors import FlowLoadError, LedgerError, ListenerError
+from actors.ledger import postgres_target
 
 Loc = tuple[str | int, ...]
 DEFAULT_TENANT = "default"  # the tenant of flows that name none; implicit unless declared
@@ -203,7 +204,13 @@ def check_ledger(value: str) -> str:
     if value == "sqlite" or (value.startswith("sqlite:///") and len(value) > 10):
         return value
     parts = urlsplit(value)
-    if parts.scheme in ("redis", "rediss", "postgresql", "postgres") and parts.netloc:
+    if parts.scheme in ("postgresql", "postgres") and parts.netloc:
+        try:  # ?namespace= must name a schema; the state dir only matters without it
+            postgres_target.parse(value, ".")
+        except LedgerError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+    if parts.scheme in ("redis", "rediss") and parts.netloc:
         return value
     raise ValueError(
         f"{value!r} is not a ledger: use sqlite, sqlite:///path, redis://host:port/db "
