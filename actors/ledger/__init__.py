@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from actors.errors import LedgerError
-from actors.ledger import postgres_target
+from actors.ledger import postgres_target, redis_target, target
 from actors.ledger.base import (
     Finish,
     FlowCounts,
@@ -15,7 +15,8 @@ from actors.ledger.base import (
     RunRecord,
     RunState,
 )
-from actors.ledger.postgres_target import INSTALL_HINT, is_postgres_url, mask_url, run_sync
+from actors.ledger.postgres_target import is_postgres_url
+from actors.ledger.redis_target import is_redis_url
 from actors.ledger.sqlite import SQLiteLedger
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "SQLiteLedger",
     "check_shard_layout",
     "is_postgres_url",
+    "is_redis_url",
     "is_sqlite_url",
     "ledger_path",
     "open_ledger",
@@ -53,7 +55,7 @@ def is_sqlite_url(url: str) -> bool:
 
 def open_ledger(url: str, state_dir: Path, synchronous: str = "normal") -> Ledger:
     """The ledger at ``url``. ``synchronous`` tunes SQLite only (PostgreSQL commits with the
-    server's ``synchronous_commit``). A PostgreSQL ledger connects on first use, in the
+    server's ``synchronous_commit``). A networked ledger connects on first use, in the
     caller's event loop."""
     if is_sqlite_url(url):
         return SQLiteLedger(ledger_path(url, state_dir), synchronous=synchronous)
@@ -62,7 +64,8 @@ def open_ledger(url: str, state_dir: Path, synchronous: str = "normal") -> Ledge
             from actors.ledger.postgres import PostgresLedger
         except ImportError as exc:
             raise LedgerError(
-                f"the postgresql ledger needs asyncpg, which is not installed: {INSTALL_HINT}"
+                "the postgresql ledger needs asyncpg, which is not installed: "
+                f"{postgres_target.INSTALL_HINT}"
             ) from exc
         return PostgresLedger(url, state_dir)
     scheme = url.split(":", 1)[0]
@@ -72,12 +75,31 @@ def open_ledger(url: str, state_dir: Path, synchronous: str = "normal") -> Ledge
     )
 
 
+def _networked(url: str) -> bool:
+    return is_postgres_url(url) or is_redis_url(url)
+
+
+def _target(url: str, state_dir: Path) -> target.Target:
+    if is_postgres_url(url):
+        return postgres_target.parse(url, state_dir)
+    return redis_target.parse(url, state_dir)
+
+
+async def _written(url: str, state_dir: Path) -> tuple[target.Target, set[str]]:
+    """A networked ledger's target and the names of its shards' data that exist."""
+    t = _target(url, state_dir)
+    if is_postgres_url(url):
+        return t, await postgres_target.ledger_schemas(t)
+    return t, await redis_target.ledger_names(t)
+
+
 def shard_ledger_url(url: str, shard: int, shards: int) -> str:
     """The ledger of one coordinator shard. One shard keeps the plain file; with ``n`` shards,
     shard ``i`` of a SQLite ledger lives beside it as ``<name>.shard<i>of<n>.db``, and shard
-    ``i`` of a PostgreSQL ledger in the schema ``<namespace>_shard<i>of<n>``."""
-    if is_postgres_url(url):
-        return postgres_target.shard_url(url, shard, shards)
+    ``i`` of a networked ledger under the name ``<namespace>_shard<i>of<n>`` (a PostgreSQL
+    schema, a Redis key prefix)."""
+    if _networked(url):
+        return target.shard_url(url, shard, shards)
     if shards <= 1 or not url.startswith("sqlite:///"):
         return url
     path = Path(url.removeprefix("sqlite:///"))
@@ -86,18 +108,14 @@ def shard_ledger_url(url: str, shard: int, shards: int) -> str:
 
 async def open_written_shards(url: str, state_dir: Path, shards: int) -> list[Ledger]:
     """The ledger of every coordinator shard that has been written (for reads while the cluster
-    is down): SQLite shard files that exist, PostgreSQL shard schemas that exist."""
+    is down): SQLite shard files, PostgreSQL shard schemas, Redis shard prefixes."""
     if is_sqlite_url(url):
         return [SQLiteLedger(p) for p in shard_paths(url, state_dir, shards) if p.exists()]
-    if not is_postgres_url(url):
+    if not _networked(url):
         return []
-    written = await postgres_target.ledger_schemas(postgres_target.parse(url, state_dir))
+    _, written = await _written(url, state_dir)
     urls = [shard_ledger_url(url, i, shards) for i in range(shards)]
-    return [
-        open_ledger(u, state_dir)
-        for u in urls
-        if postgres_target.parse(u, state_dir).table_schema in written
-    ]
+    return [open_ledger(u, state_dir) for u in urls if _target(u, state_dir).name in written]
 
 
 def shard_paths(url: str, state_dir: Path, shards: int) -> list[Path]:
@@ -107,15 +125,15 @@ def shard_paths(url: str, state_dir: Path, shards: int) -> list[Path]:
 def check_shard_layout(url: str, state_dir: Path, shards: int) -> None:
     """Refuse to start over a ledger written with a different ``coordinator_shards``: flows
     would hash to other shards, whose files (schemas) do not hold their idempotency keys, and
-    events already run would run again. A PostgreSQL ledger is connected to here, so an
+    events already run would run again. A networked ledger is connected to here, so an
     unreachable server fails ``up`` before any actor starts."""
-    if is_postgres_url(url):
-        target = postgres_target.parse(url, state_dir)
-        other = sorted(run_sync(postgres_target.shard_counts(target)) - {shards})
+    if _networked(url):
+        t, written = target.run_sync(_written(url, state_dir))
+        other = sorted(target.shard_counts(t, written) - {shards})
         if other:
             raise LedgerError(
-                f"the ledger in schema {target.schema!r} at {mask_url(target.dsn)} was written "
-                f"with coordinator_shards={other[0]}, the config asks for {shards}: flows would "
+                f"the ledger {t.namespace!r} at {t.safe_url} was written with "
+                f"coordinator_shards={other[0]}, the config asks for {shards}: flows would "
                 "move to shards that do not hold their event ids. Keep coordinator_shards, or "
                 "use a new state_dir or ledger namespace."
             )

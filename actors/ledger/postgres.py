@@ -2,7 +2,7 @@
 
 Same semantics as :class:`~actors.ledger.sqlite.SQLiteLedger`, method for method; the tables
 live in one schema per cluster (and per coordinator shard), see
-:mod:`actors.ledger.postgres_target`. Events are stored as the same msgpack blob (``bytea``).
+:mod:`actors.ledger.target`. Events are stored as the same msgpack blob (``bytea``).
 
 Durability: every write is one transaction and a call returns only after its COMMIT, with
 ``synchronous_commit`` at the server's setting (``on`` by default: flushed to the WAL on disk;
@@ -36,7 +36,8 @@ from actors.ledger.base import (
     RunRecord,
     RunState,
 )
-from actors.ledger.postgres_target import PgTarget, connect, parse
+from actors.ledger.postgres_target import connect, parse
+from actors.ledger.target import Target
 
 T = TypeVar("T")
 Key = tuple[str, str, str]
@@ -81,8 +82,8 @@ def _columns(keys: list[Key]) -> tuple[list[str], list[str], list[str]]:
 
 class PostgresLedger:
     def __init__(self, url: str, state_dir: Path | str) -> None:
-        self.target: PgTarget = parse(url, state_dir)
-        self.schema = self.target.table_schema
+        self.target: Target = parse(url, state_dir)
+        self.schema = self.target.name
         self._sql = sql.statements(self.schema)
         self._conn: asyncpg.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the connection

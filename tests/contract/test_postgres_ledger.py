@@ -19,7 +19,8 @@ from actors.ledger import (
     shard_ledger_url,
 )
 from actors.ledger.postgres import PostgresLedger
-from actors.ledger.postgres_target import default_namespace, mask_url, parse
+from actors.ledger.postgres_target import parse
+from actors.ledger.target import default_namespace, mask_url
 from cluster.bootstrap import namespace_for
 from tests.contract.ledgers import (
     PG_URL,
@@ -51,8 +52,8 @@ async def namespace(pg: asyncpg.Connection) -> AsyncIterator[str]:
 # -- where the ledger lives ----------------------------------------------------------------
 def test_the_schema_is_named_after_the_resolved_state_dir(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
-    assert parse(PG_URL, a).schema == default_namespace(a) != default_namespace(b)
-    assert parse(PG_URL, tmp_path / "x" / ".." / "a").schema == default_namespace(a)
+    assert parse(PG_URL, a).namespace == default_namespace(a) != default_namespace(b)
+    assert parse(PG_URL, tmp_path / "x" / ".." / "a").namespace == default_namespace(a)
     # the same hash as the cluster's Ray namespace, so one can be told from the other
     assert default_namespace(a).split("_")[1] == namespace_for(a).split("-")[1]
 
@@ -61,7 +62,7 @@ def test_the_namespace_parameter_names_the_schema_and_is_not_sent_to_the_server(
     tmp_path: Path,
 ) -> None:
     target = parse(f"{PG_URL}?namespace=team_a&sslmode=disable", tmp_path)
-    assert (target.schema, target.table_schema) == ("team_a", "team_a")
+    assert (target.namespace, target.name) == ("team_a", "team_a")
     assert target.dsn == f"{PG_URL}?sslmode=disable"
 
 
@@ -74,7 +75,7 @@ def test_a_namespace_that_is_not_a_plain_schema_name_is_refused(tmp_path: Path, 
 def test_each_shard_gets_its_own_schema(tmp_path: Path) -> None:
     url = f"{PG_URL}?namespace=ns"
     assert shard_ledger_url(url, 0, 1) == url
-    schemas = [parse(shard_ledger_url(url, i, 3), tmp_path).table_schema for i in range(3)]
+    schemas = [parse(shard_ledger_url(url, i, 3), tmp_path).name for i in range(3)]
     assert schemas == ["ns_shard0of3", "ns_shard1of3", "ns_shard2of3"]
     assert "shard" not in parse(shard_ledger_url(url, 1, 3), tmp_path).dsn
 

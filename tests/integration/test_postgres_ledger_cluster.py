@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from actors.errors import LedgerError
-from actors.ledger.postgres_target import default_namespace
+from actors.ledger.target import default_namespace
 from cluster.client import Client
 from cluster.config import load_config
 from tests.contract.ledgers import PG_URL, drop_schemas, require_postgres
