@@ -55,8 +55,8 @@ def is_sqlite_url(url: str) -> bool:
 
 def open_ledger(url: str, state_dir: Path, synchronous: str = "normal") -> Ledger:
     """The ledger at ``url``. ``synchronous`` tunes SQLite only (PostgreSQL commits with the
-    server's ``synchronous_commit``). A networked ledger connects on first use, in the
-    caller's event loop."""
+    server's ``synchronous_commit``, Redis persists as the server is configured). A networked
+    ledger connects on first use, in the caller's event loop."""
     if is_sqlite_url(url):
         return SQLiteLedger(ledger_path(url, state_dir), synchronous=synchronous)
     if is_postgres_url(url):
@@ -68,10 +68,19 @@ def open_ledger(url: str, state_dir: Path, synchronous: str = "normal") -> Ledge
                 f"{postgres_target.INSTALL_HINT}"
             ) from exc
         return PostgresLedger(url, state_dir)
+    if is_redis_url(url):
+        try:
+            from actors.ledger.redis import RedisLedger
+        except ImportError as exc:
+            raise LedgerError(
+                "the redis ledger needs redis-py, which is not installed: "
+                f"{redis_target.INSTALL_HINT}"
+            ) from exc
+        return RedisLedger(url, state_dir)
     scheme = url.split(":", 1)[0]
     raise LedgerError(
-        f"ledger backend {scheme!r} is not available in this build; use 'sqlite' or "
-        "'postgresql://...' (a Redis ledger is planned for multi-node clusters)"
+        f"ledger backend {scheme!r} is not available: use sqlite, sqlite:///path, "
+        "postgresql://... or redis://..."
     )
 
 

@@ -1,10 +1,11 @@
 """Fresh ledger stores of every backend, for the ledger contract suites.
 
 A test asks for ``stores`` (parametrized over the backends) and calls it for a new, empty
-store: a SQLite file in the test's tmp dir, or a PostgreSQL schema of its own in the ``test``
-database. ``store.open()`` gives a new connection to that store (reopening after ``close``,
-or a second writer); the PostgreSQL schemas are dropped when the test ends.
-PostgreSQL tests skip when the server does not answer, and fail when ``CI`` is set.
+store: a SQLite file in the test's tmp dir, a PostgreSQL schema of its own in the ``test``
+database, or a Redis key prefix of its own. ``store.open()`` gives a new connection to that
+store (reopening after ``close``, or a second writer); schemas and keys are dropped when the
+test ends. Tests of a server backend skip when the server does not answer, and fail when
+``CI`` is set.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from tests.contract.base import require_service
 
 PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
 PG_URL = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{PG_DATABASE}"
-BACKENDS = ["sqlite", "postgresql"]
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+BACKENDS = ["sqlite", "postgresql", "redis"]
 
 
 def make_event(
@@ -61,8 +64,26 @@ async def drop_schemas(prefix: str) -> None:
         await conn.close()
 
 
+async def drop_keys(prefix: str) -> None:
+    """Delete a Redis ledger's keys: ``{prefix}:...`` and its shards' ``{prefix_shard...}:...``."""
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        for pattern in (f"{{{prefix}}}:*", f"{{{prefix}_shard*"):
+            keys = [k async for k in r.scan_iter(match=pattern, count=1000)]
+            if keys:
+                await r.delete(*keys)
+    finally:
+        await r.aclose()
+
+
 def require_postgres() -> None:
     require_service("PostgreSQL", PG_HOST, PG_PORT)
+
+
+def require_redis() -> None:
+    require_service("Redis", REDIS_HOST, REDIS_PORT)
 
 
 @dataclass
@@ -90,14 +111,17 @@ class Stores:
             store = Store("sqlite", f"sqlite:///{state_dir / 'ledger.db'}", state_dir)
         else:
             ns = fresh_namespace()
-            store = Store("postgresql", f"{PG_URL}?namespace={ns}", state_dir, ns)
+            url = PG_URL if self.backend == "postgresql" else REDIS_URL
+            store = Store(self.backend, f"{url}?namespace={ns}", state_dir, ns)
         self.made.append(store)
         return store
 
     def cleanup(self) -> None:
         for store in self.made:
-            if store.namespace:
+            if store.namespace and store.backend == "postgresql":
                 asyncio.run(drop_schemas(store.namespace))
+            elif store.namespace:
+                asyncio.run(drop_keys(store.namespace))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -105,6 +129,8 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[
     """Make fresh stores of one backend (each test runs once per backend)."""
     if request.param == "postgresql":
         require_postgres()
+    elif request.param == "redis":
+        require_redis()
     made = Stores(request.param, tmp_path)
     try:
         yield made

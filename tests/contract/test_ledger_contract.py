@@ -1,4 +1,4 @@
-"""The ledger contract, run against every backend (SQLite, PostgreSQL): claims, counters,
+"""The ledger contract, run against every backend (SQLite, PostgreSQL, Redis): claims, counters,
 run transitions, dead letters, flow state, and durability across reopening the store."""
 
 from __future__ import annotations
@@ -368,10 +368,11 @@ async def test_only_the_newest_rejections_are_kept(
     ledger: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import actors.ledger.postgres as pg
+    import actors.ledger.redis as rd
     import actors.ledger.sqlite as lite
 
-    monkeypatch.setattr(lite, "MAX_REJECTIONS_KEPT", 3)
-    monkeypatch.setattr(pg, "MAX_REJECTIONS_KEPT", 3)
+    for module in (lite, pg, rd):
+        monkeypatch.setattr(module, "MAX_REJECTIONS_KEPT", 3)
     for i in range(5):
         await ledger.reject([RejectionRecord("acme", "ingest", "file", "malformed", f"#{i}")])
     assert [r.detail for r in await ledger.rejections()] == ["#4", "#3", "#2"]

@@ -44,7 +44,7 @@ async def test_open_ledger_builds_a_sqlite_ledger(tmp_path: Path) -> None:
         await led.close()
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://h:6380/1", "mysql://x/y"])
+@pytest.mark.parametrize("url", ["mysql://x/y", "mongodb://h/db"])
 def test_unavailable_backends_fail_with_a_clear_error(tmp_path: Path, url: str) -> None:
-    with pytest.raises(LedgerError, match="not available in this build"):
+    with pytest.raises(LedgerError, match="not available"):
         open_ledger(url, tmp_path)
