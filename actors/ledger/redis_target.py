@@ -12,7 +12,7 @@ from actors.errors import LedgerError
 from actors.ledger.target import Target
 from actors.ledger.target import parse as parse_target
 
-SCHEMES = ("redis", "rediss", "unix")
+SCHEMES = ("redis", "rediss")
 INSTALL_HINT = "pip install 'listener-cluster[redis]'"
 META = "meta"  # the key that marks a written ledger: {<name>}:meta
 
