@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from actors.event import Event
-from actors.ledger import Ledger, open_ledger
+from actors.ledger import Finish, Ledger, open_ledger
 from tests.contract.base import require_service
 
 PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
@@ -136,3 +136,30 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[
         yield made
     finally:
         made.cleanup()
+
+
+# -- helpers of the contract tests ---------------------------------------------------------
+KEY = ("acme", "ingest", "e1")
+
+
+@pytest.fixture
+async def ledger(stores: Callable[[], Store]) -> AsyncIterator[Ledger]:
+    led = stores().open()
+    yield led
+    await led.close()
+
+
+async def state_of(ledger: Ledger, key: tuple[str, str, str] = KEY) -> tuple[str, int]:
+    (rec,) = [r for r in await ledger.runs() if r.key == key]
+    return rec.state.value, rec.attempts
+
+
+def fail(attempt: int, retry: bool = True, key: tuple[str, str, str] = KEY) -> Finish:
+    return Finish(key, attempt, ok=False, error="boom", retry_at=1.0 if retry else None)
+
+
+async def dead(ledger: Ledger, event_id: str) -> None:
+    key = ("acme", "ingest", event_id)
+    await ledger.claim([make_event(event_id)])
+    await ledger.start(key, 0)
+    await ledger.finish([fail(1, retry=False, key=key)])
