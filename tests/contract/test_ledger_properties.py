@@ -23,7 +23,7 @@ from hypothesis.stateful import (
 )
 
 from actors.event import Event
-from actors.ledger import Finish, Ledger
+from actors.ledger import Finish, FlowCounts
 from tests.contract.ledgers import Store, make_event, stores
 
 __all__ = ["stores"]  # the fixture, parametrized over the backends
@@ -42,10 +42,23 @@ def events_of(batch: list[tuple[tuple[str, str], str]]) -> list[Event]:
     return [make_event(event_id, tenant, flow) for (tenant, flow), event_id in batch]
 
 
+def counts_of(store: Store) -> dict[tuple[str, str], FlowCounts]:
+    """The store's counts, read on a connection of its own (one event loop per connection)."""
+
+    async def read() -> dict[tuple[str, str], FlowCounts]:
+        ledger = store.open()
+        try:
+            return await ledger.counts()
+        finally:
+            await ledger.close()
+
+    return asyncio.run(read())
+
+
 def check_claims(
     batches: list[list[tuple[tuple[str, str], str]]],
     results: list[list[bool]],
-    ledger: Ledger,
+    counts: dict[tuple[str, str], FlowCounts],
 ) -> None:
     """Exactly one ``new`` per key; counters: seen = accepted + duplicate, per flow."""
     new_per_key: Counter[tuple[str, str, str]] = Counter()
@@ -56,7 +69,6 @@ def check_claims(
             new_per_key[(tenant, flow, event_id)] += is_new
             seen_per_flow[(tenant, flow)] += 1
     assert all(n == 1 for n in new_per_key.values()), new_per_key
-    counts = asyncio.run(ledger.counts())
     for fkey, seen in seen_per_flow.items():
         events = counts[fkey].events
         accepted = sum(1 for k in new_per_key if k[:2] == fkey)
@@ -72,12 +84,16 @@ def check_claims(
 def test_claims_in_sequence_yield_one_new_per_key(
     batches: list[list[tuple[tuple[str, str], str]]], stores: Callable[[], Store]
 ) -> None:
-    ledger = stores().open()
-    try:
-        results = [asyncio.run(ledger.claim(events_of(b))) for b in batches]
-        check_claims(batches, results, ledger)
-    finally:
-        asyncio.run(ledger.close())
+    store = stores()
+
+    async def claim_all() -> list[list[bool]]:
+        ledger = store.open()
+        try:
+            return [await ledger.claim(events_of(b)) for b in batches]
+        finally:
+            await ledger.close()
+
+    check_claims(batches, asyncio.run(claim_all()), counts_of(store))
 
 
 @settings(FAST, max_examples=15)
@@ -91,20 +107,22 @@ def test_concurrent_claims_from_many_connections_yield_one_new_per_key(
     results: list[list[bool]] = [[] for _ in batches]
     start = threading.Barrier(len(batches))
 
+    async def claim_and_close(i: int) -> list[bool]:
+        try:
+            return await ledgers[i].claim(events_of(batches[i]))
+        finally:
+            await ledgers[i].close()
+
     def claim(i: int) -> None:
         start.wait()
-        results[i] = asyncio.run(ledgers[i].claim(events_of(batches[i])))
+        results[i] = asyncio.run(claim_and_close(i))
 
     threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(batches))]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
-        check_claims(batches, results, ledgers[0])
-    finally:
-        for led in ledgers:
-            asyncio.run(led.close())
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    check_claims(batches, results, counts_of(store))
 
 
 # -- the run state machine -----------------------------------------------------------------
