@@ -1,6 +1,7 @@
 """Where a Redis ledger lives: its keys share the prefix ``{<name>}:``, where ``<name>`` is the
 ledger's namespace (see :mod:`actors.ledger.target`), one name per coordinator shard. The
-braces make a Redis Cluster hash tag: a ledger's keys sit in one slot, so its scripts run."""
+braces are a hash tag, so a ledger's keys would share one slot; the ledger talks to a single
+Redis server (redis-py's plain client), not to a Redis Cluster."""
 
 from __future__ import annotations
 
