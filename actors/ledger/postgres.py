@@ -106,8 +106,14 @@ class PostgresLedger:
                     # Concurrent CREATE ... IF NOT EXISTS can still collide: serialise them.
                     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self.schema)
                     await conn.execute(sql.schema_ddl(self.schema))
+            except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                conn.terminate()
+                raise LedgerError(
+                    f"cannot prepare the postgresql ledger at {self.target.safe_url} "
+                    f"(schema {self.schema}): {type(exc).__name__}: {exc}"
+                ) from exc
             except BaseException:
-                await conn.close()
+                conn.terminate()
                 raise
             self._conn = conn
         return self._conn

@@ -346,24 +346,32 @@ class RedisLedger:
     async def rejections(self, limit: int = 100) -> list[RejectionRecord]:
         if limit <= 0:
             return []
-        await self._connect()
         blobs = await self._read(lambda r: r.lrange(self.prefix + "j", 0, limit - 1))
         return [RejectionRecord(*msgpack.unpackb(b, raw=False)) for b in blobs]
 
     async def _read(self, command: Any) -> Any:
-        try:
-            return await command(self._client)
-        except _LOST as exc:
-            await self._drop()
-            raise LedgerError(
-                f"lost the connection to the redis ledger at {self.target.safe_url}: {exc}"
-            ) from exc
+        """One plain read command (no script): asked again once on a new connection."""
+        for attempt in (1, 2):
+            await self._connect()
+            try:
+                return await command(self._client)
+            except _LOST as exc:
+                await self._drop()
+                if attempt == 2:
+                    raise LedgerError(
+                        f"lost the connection to the redis ledger at {self.target.safe_url} "
+                        f"twice: {exc}"
+                    ) from exc
+            except redis.exceptions.RedisError as exc:
+                raise LedgerError(
+                    f"the redis ledger at {self.target.safe_url} refused a read: {exc}"
+                ) from exc
+        raise AssertionError("unreachable")
 
     # -- flow state ---------------------------------------------------------------------
     async def set_paused(self, tenant: str, flow: str, paused: bool) -> None:
         await self._call("set_paused", {"fk": flow_key(tenant, flow), "paused": paused})
 
     async def paused(self) -> set[tuple[str, str]]:
-        await self._connect()
         members = await self._read(lambda r: r.smembers(self.prefix + "p"))
         return {split_flow_key(m)[:2] for m in members}

@@ -261,3 +261,18 @@ async def test_a_server_error_is_a_ledger_error_and_the_connection_stays(
     await pg.execute(f'ALTER TABLE "{namespace}".flows_gone RENAME TO flows')
     assert await led.paused() == set()
     await led.close()
+
+
+async def test_a_schema_the_user_may_not_create_is_a_clear_error(
+    pg: asyncpg.Connection, namespace: str, tmp_path: Path
+) -> None:
+    role = f"ledger_reader_{namespace[-6:]}"
+    await pg.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        url = f"postgresql://{role}@127.0.0.1:5432/test?namespace={namespace}"
+        led = open_ledger(url, tmp_path)
+        with pytest.raises(LedgerError, match=rf"cannot prepare.*schema {namespace}"):
+            await led.claim([make_event("e1")])
+        await led.close()
+    finally:
+        await pg.execute(f"DROP ROLE {role}")
