@@ -209,10 +209,9 @@ class PostgresLedger:
             return await self._resolve_claim(committing[0], events, now)
 
     async def _resolve_claim(self, new: list[bool], events: list[Event], now: float) -> list[bool]:
-        """The connection was lost after COMMIT was sent: did it commit? A resend would find
-        committed events already claimed and call them duplicates, so they would never run.
-        The events this claim inserted carry ``created = now``: if they are there, the claim
-        committed and its answer stands; if not, nothing of it committed (one transaction)."""
+        """The connection was lost after COMMIT was sent: did it commit? (A resend would call
+        committed events duplicates, and they would never run.) The rows this claim inserted
+        carry ``created = now``: there → committed, the answer stands; absent → nothing was."""
         keys = [e.key for e, is_new in zip(events, new, strict=True) if is_new]
         if not keys:
             return new  # all duplicates either way; only this batch's counters may be lost
@@ -335,9 +334,7 @@ class PostgresLedger:
             unique = list(dict.fromkeys(keys))
             return await conn.fetch(self._sql.replay_keys, *_columns(unique), time.time())
 
-        if keys == []:
-            return []
-        rows = await self._run(op)
+        rows = [] if keys == [] else await self._run(op)
         if keys is not None:  # in the order asked for, as one UPDATE per key would return
             order: dict[Key, int] = {}
             for i, key in enumerate(keys):
