@@ -9,8 +9,7 @@ from typing import Any
 import httpx
 
 from actors.errors import ListenerError
-from actors.ledger import FlowCounts, shard_paths
-from actors.ledger.sqlite import SQLiteLedger
+from actors.ledger import FlowCounts, Ledger, open_written_shards
 from cluster.config import ClusterConfig
 from cluster.runtime import pid_alive, read_state
 
@@ -95,21 +94,17 @@ class Client:
         return f.tenant, f.name
 
     # -- offline: read the ledger in the state dir --------------------------------------
-    def _ledgers(self) -> list[SQLiteLedger]:
-        """The SQLite file of every coordinator shard that has one."""
-        url = self.config.ledger_url
-        if not url.startswith("sqlite"):
-            return []
-        shards = self.config.cluster.coordinator_shards
-        return [
-            SQLiteLedger(p) for p in shard_paths(url, self.config.state_path, shards) if p.exists()
-        ]
+    async def _ledgers(self) -> list[Ledger]:
+        """The ledger of every coordinator shard that has one (SQLite files, PostgreSQL
+        schemas)."""
+        c = self.config
+        return await open_written_shards(c.ledger_url, c.state_path, c.cluster.coordinator_shards)
 
     async def _offline_runs(
         self, tenant: str | None, flow: str | None, state: str | None
     ) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
-        for ledger in self._ledgers():
+        for ledger in await self._ledgers():
             try:
                 rows.extend(r.to_dict() for r in await ledger.runs(tenant, flow, state, 100_000))
             finally:
@@ -120,7 +115,7 @@ class Client:
     async def _offline_status(self) -> dict[str, Any]:
         counts: dict[tuple[str, str], FlowCounts] = {}
         paused: set[tuple[str, str]] = set()
-        for ledger in self._ledgers():  # shards own disjoint flows: a plain union
+        for ledger in await self._ledgers():  # shards own disjoint flows: a plain union
             try:
                 counts.update(await ledger.counts())
                 paused.update(await ledger.paused())

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from actors.entrypoint import load_flow
-from actors.errors import FlowLoadError, ListenerError
+from actors.errors import FlowLoadError, LedgerError, ListenerError
+from actors.ledger.target import parse as parse_target
 
 Loc = tuple[str | int, ...]
 DEFAULT_TENANT = "default"  # the tenant of flows that name none; implicit unless declared
@@ -204,6 +205,10 @@ def check_ledger(value: str) -> str:
         return value
     parts = urlsplit(value)
     if parts.scheme in ("redis", "rediss", "postgresql", "postgres") and parts.netloc:
+        try:  # ?namespace= must be a plain name; the state dir only matters without it
+            parse_target(value, ".", (parts.scheme,))
+        except LedgerError as exc:
+            raise ValueError(str(exc)) from None
         return value
     raise ValueError(
         f"{value!r} is not a ledger: use sqlite, sqlite:///path, redis://host:port/db "

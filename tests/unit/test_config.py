@@ -542,3 +542,22 @@ def test_bad_batch_delivery_names_the_key(tmp_path: Path) -> None:
     with _pytest.raises(ConfigError) as err:
         config_from_dict({"flows": flows}, tmp_path, source="cfg.yaml")
     assert "flows[0].delivery" in str(err.value)
+
+
+def test_a_postgresql_ledger_with_a_bad_namespace_is_refused(tmp_path: Path) -> None:
+    text = """
+    cluster: {ledger: "postgresql://u:pw@db:5432/x?namespace=Bad-Name"}
+    flows: [{name: ingest, entrypoint: "flows.py:ingest"}]
+    """
+    err = config_error(write_config(tmp_path, text))
+    assert_problem(err, "cluster.ledger", "not a schema name", "u:***@db")
+    assert ":pw@" not in str(err)
+
+
+def test_a_postgresql_ledger_url_is_kept_as_written(tmp_path: Path) -> None:
+    url = "postgresql://postgres@127.0.0.1:5432/test?namespace=team_a"
+    path = write_config(
+        tmp_path,
+        f'cluster: {{ledger: "{url}"}}\nflows: [{{name: ingest, entrypoint: "flows.py:ingest"}}]',
+    )
+    assert load_config(path, check_entrypoints=False).ledger_url == url

@@ -1,19 +1,16 @@
-"""Properties of the SQLite ledger: idempotent claims and the run state machine."""
+"""Properties of every ledger backend: idempotent claims (in sequence and racing from many
+connections) and the run state machine against a model."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import threading
-import uuid
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
-from helpers import make_event
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -26,7 +23,10 @@ from hypothesis.stateful import (
 )
 
 from actors.event import Event
-from actors.ledger import Finish, SQLiteLedger
+from actors.ledger import Finish, FlowCounts
+from tests.contract.ledgers import Store, make_event, stores
+
+__all__ = ["stores"]  # the fixture, parametrized over the backends
 
 T = TypeVar("T")
 FLOWS = [("acme", "ingest"), ("acme", "other"), ("beta", "ingest")]
@@ -42,10 +42,23 @@ def events_of(batch: list[tuple[tuple[str, str], str]]) -> list[Event]:
     return [make_event(event_id, tenant, flow) for (tenant, flow), event_id in batch]
 
 
+def counts_of(store: Store) -> dict[tuple[str, str], FlowCounts]:
+    """The store's counts, read on a connection of its own (one event loop per connection)."""
+
+    async def read() -> dict[tuple[str, str], FlowCounts]:
+        ledger = store.open()
+        try:
+            return await ledger.counts()
+        finally:
+            await ledger.close()
+
+    return asyncio.run(read())
+
+
 def check_claims(
     batches: list[list[tuple[tuple[str, str], str]]],
     results: list[list[bool]],
-    ledger: SQLiteLedger,
+    counts: dict[tuple[str, str], FlowCounts],
 ) -> None:
     """Exactly one ``new`` per key; counters: seen = accepted + duplicate, per flow."""
     new_per_key: Counter[tuple[str, str, str]] = Counter()
@@ -56,7 +69,6 @@ def check_claims(
             new_per_key[(tenant, flow, event_id)] += is_new
             seen_per_flow[(tenant, flow)] += 1
     assert all(n == 1 for n in new_per_key.values()), new_per_key
-    counts = asyncio.run(ledger.counts())
     for fkey, seen in seen_per_flow.items():
         events = counts[fkey].events
         accepted = sum(1 for k in new_per_key if k[:2] == fkey)
@@ -70,41 +82,47 @@ def check_claims(
 @FAST
 @given(batches=BATCHES)
 def test_claims_in_sequence_yield_one_new_per_key(
-    batches: list[list[tuple[tuple[str, str], str]]], tmp_path_factory: pytest.TempPathFactory
+    batches: list[list[tuple[tuple[str, str], str]]], stores: Callable[[], Store]
 ) -> None:
-    ledger = SQLiteLedger(tmp_path_factory.mktemp("claims") / "ledger.db")
-    try:
-        results = [asyncio.run(ledger.claim(events_of(b))) for b in batches]
-        check_claims(batches, results, ledger)
-    finally:
-        asyncio.run(ledger.close())
+    store = stores()
+
+    async def claim_all() -> list[list[bool]]:
+        ledger = store.open()
+        try:
+            return [await ledger.claim(events_of(b)) for b in batches]
+        finally:
+            await ledger.close()
+
+    check_claims(batches, asyncio.run(claim_all()), counts_of(store))
 
 
 @settings(FAST, max_examples=15)
 @given(batches=BATCHES)
 def test_concurrent_claims_from_many_connections_yield_one_new_per_key(
-    batches: list[list[tuple[tuple[str, str], str]]], tmp_path_factory: pytest.TempPathFactory
+    batches: list[list[tuple[tuple[str, str], str]]], stores: Callable[[], Store]
 ) -> None:
-    """Each batch is claimed from its own thread and connection, all racing on one file."""
-    path = tmp_path_factory.mktemp("race") / "ledger.db"
-    ledgers = [SQLiteLedger(path) for _ in batches]
+    """Each batch is claimed from its own thread and connection, all racing on one store."""
+    store = stores()
+    ledgers = [store.open() for _ in batches]
     results: list[list[bool]] = [[] for _ in batches]
     start = threading.Barrier(len(batches))
 
+    async def claim_and_close(i: int) -> list[bool]:
+        try:
+            return await ledgers[i].claim(events_of(batches[i]))
+        finally:
+            await ledgers[i].close()
+
     def claim(i: int) -> None:
         start.wait()
-        results[i] = asyncio.run(ledgers[i].claim(events_of(batches[i])))
+        results[i] = asyncio.run(claim_and_close(i))
 
     threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(batches))]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
-        check_claims(batches, results, ledgers[0])
-    finally:
-        for led in ledgers:
-            asyncio.run(led.close())
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    check_claims(batches, results, counts_of(store))
 
 
 # -- the run state machine -----------------------------------------------------------------
@@ -118,14 +136,14 @@ class Model:
 class LedgerMachine(RuleBasedStateMachine):
     """Random claims, starts, finishes (current and stale attempts) and replays vs a model."""
 
-    base: Path  # set by the test: a tmp_path for this run's ledgers
+    stores: Callable[[], Store]  # set by the test: makes a fresh store per run
 
     keys = Bundle("keys")
 
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.ledger = SQLiteLedger(self.base / f"{uuid.uuid4().hex}.db")
+        self.ledger = type(self).stores().open()
         self.model: dict[tuple[str, str, str], Model] = {}
         self.workers = itertools.count()
 
@@ -200,8 +218,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert open_keys == expected
 
 
-def test_ledger_run_state_machine(tmp_path: Path) -> None:
-    LedgerMachine.base = tmp_path
+def test_ledger_run_state_machine(stores: Callable[[], Store]) -> None:
+    LedgerMachine.stores = stores
     run_state_machine_as_test(
         LedgerMachine,
         settings=settings(max_examples=60, stateful_step_count=30, deadline=None),
