@@ -45,6 +45,13 @@ class CoordinatorActor(Coordinator):
         ledger = open_ledger(ledger_url, Path(state_dir), synchronous)
         super().__init__(ledger, workers, flows, tenants, worker_concurrency=worker_concurrency)
 
+    async def stop(self, drain_timeout: float = 30.0) -> int:
+        """Stop as the coordinator does, then close the ledger's connection (a PostgreSQL or
+        Redis ledger holds one open; it would reopen if called again)."""
+        still_running = await super().stop(drain_timeout)
+        await self.ledger.close()
+        return still_running
+
 
 class HostActor(ListenerHost):
     def __init__(
