@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from actors.entrypoint import load_flow
-from actors.flow_runner import FlowRunner, PrefectClients, flush_prefect_services
+from actors.flow_runner import FlowRunner
 from actors.handles import RunOutcome
 from actors.journal import AttemptJournal
+from actors.prefect_runs import PrefectClients, flush_prefect_services
 
 RECENT_OUTCOMES = 10_000
 TRACKED_CONCURRENCY = 4
