@@ -72,7 +72,8 @@ class FlowWorker:
         self._runners: dict[tuple[str, str], FlowRunner] = {}
         self._pool: ThreadPoolExecutor | None = None  # made with the first runner
         self.clients = PrefectClients()
-        self._tracked_slots = asyncio.Semaphore(max(1, tracked_concurrency))
+        self.tracked_concurrency = max(1, tracked_concurrency)
+        self._tracked_slots = asyncio.Semaphore(self.tracked_concurrency)
         self._inflight: dict[tuple[Any, ...], asyncio.Future[RunOutcome]] = {}
         self._recent: OrderedDict[tuple[Any, ...], RunOutcome] = OrderedDict()
         self.journal = AttemptJournal(journal)
@@ -186,4 +187,5 @@ class FlowWorker:
             "pid": os.getpid(),
             "inflight": len(self._inflight),
             "runs_started": self.runs_started,
+            "tracked_concurrency": self.tracked_concurrency,
         }
