@@ -12,7 +12,7 @@ retries it after 2 s. More runs in flight mean more lost races: measured with a 
 flow, 2 workers, 200 runs, alternating with bare Prefect (2 processes calling the flow) on
 the same server, cluster/bare ratio per pass: 1 in flight per worker 0.99, 1.11,
 0.99, 1.02; 2: 1.17, 1.03, 0.65, 0.71; 4: 0.78, 0.40; 8: 0.93, 0.61 (the low ones with the
-machine's load at 5-11). In one process, 80 runs: 0 503s with 1 in flight, 3-5 with 2, 6-8
+machine's load at 5-11). In one process, 80 runs: 0-1 503s with 1 in flight, 3-5 with 2, 6-8
 with 4, 21 with 8. The limit covers the whole run, flow body included: raise it for flows
 that spend their time in their own work rather than in the Prefect API, or for a Prefect
 server on PostgreSQL.
