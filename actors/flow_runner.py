@@ -19,7 +19,9 @@ raises for a failing flow, and it never returns (or pickles) the flow's result.
   ``PREFECT_API_URL`` from the environment, read when the runner is built) with tags
   ``tenant:<t>``, ``flow:<f>``, ``event:<id>``, ``attempt:<n>`` and the name
   ``<flow>-<event id>`` (long ids are shortened), unless the flow sets its own
-  ``flow_run_name``. The flow-run id is taken from the returned state.
+  ``flow_run_name``. The run is created already named and tagged, so it costs no more API
+  calls than calling the flow directly (:mod:`actors.prefect_runs`). The flow-run id is
+  taken from the returned state.
 - ``tracking="off"``: ``flow.fn(**{event_parameter: event})``, no Prefect API at all. A
   flow body that needs one (calls a ``@task``, the client, ``get_run_logger``) fails with a
   message that says to configure ``prefect: embedded`` or a server URL; the runner never
@@ -44,7 +46,6 @@ import contextlib
 import contextvars
 import inspect
 import os
-import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -53,6 +54,15 @@ from typing import Any
 
 from actors.errors import FlowLoadError, ListenerError
 from actors.handles import RunOutcome  # ok, error, traceback, prefect_flow_run_id, started/finished
+from actors.prefect_runs import (
+    PrefectClients,
+    flow_run_id_of,
+    flush_prefect_services,
+    run_named_async,
+    run_named_sync,
+    state_exception,
+    state_exception_sync,
+)
 
 __all__ = [
     "FlowRunner",
@@ -74,9 +84,6 @@ _attempt: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 )
 _event: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "listener_event", default=None
-)
-_run_name: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "listener_run_name", default=None
 )
 
 
@@ -141,10 +148,6 @@ def run_tags_for(event: dict[str, Any], attempt: int, flow_name: str) -> list[st
     ]
 
 
-def _current_run_name() -> str:
-    return _run_name.get() or "listener-run"
-
-
 def disable_ephemeral_server_for_process() -> None:
     """Stop anything in this process, outside runner scopes, from starting a temporary server.
 
@@ -179,71 +182,6 @@ def _describe(exc: BaseException) -> tuple[str, str]:
     return error, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-class PrefectClients:
-    """Prefect API clients shared by tracked runs: one sync client per API URL (thread-safe;
-    sync flows in the pool share it) and one async client per (API URL, event loop).
-
-    A client is opened on first use, inside the run's settings scope, so it talks to that
-    run's API. :meth:`aclose` closes them all.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sync: dict[str, Any] = {}
-        self._async: dict[tuple[str, asyncio.AbstractEventLoop], asyncio.Task[Any]] = {}
-
-    @staticmethod
-    def _url() -> str:
-        from prefect.settings import get_current_settings
-
-        return str(get_current_settings().api.url)
-
-    def sync_context(self) -> Any:
-        """A client context over the shared sync client of the current settings' API."""
-        from prefect.client.orchestration import get_client
-        from prefect.context import SyncClientContext
-
-        url = self._url()
-        with self._lock:
-            client = self._sync.get(url)
-            if client is None:
-                client = get_client(sync_client=True)
-                client.__enter__()
-                self._sync[url] = client
-        return SyncClientContext.model_construct(client=client)
-
-    async def async_context(self) -> Any:
-        """A client context over this loop's shared async client of the current API."""
-        from prefect.client.orchestration import get_client
-        from prefect.context import AsyncClientContext
-
-        key = (self._url(), asyncio.get_running_loop())
-        opening = self._async.get(key)
-        if opening is None:  # one client per loop, even when runs start together
-            opening = self._async[key] = asyncio.create_task(get_client().__aenter__())
-        try:
-            return AsyncClientContext.model_construct(client=await opening)
-        except Exception:
-            self._async.pop(key, None)  # try a new client next time
-            raise
-
-    def opened(self) -> list[Any]:
-        """The clients opened so far."""
-        ready = [t for t in self._async.values() if t.done() and not t.cancelled()]
-        return [*self._sync.values(), *(t.result() for t in ready if t.exception() is None)]
-
-    async def aclose(self) -> None:
-        with self._lock:
-            sync, self._sync = list(self._sync.values()), {}
-        for client in sync:
-            await asyncio.to_thread(client.__exit__, None, None, None)
-        loop = asyncio.get_running_loop()
-        for key in [k for k in self._async if k[1] is loop]:
-            opening = self._async.pop(key)
-            with contextlib.suppress(Exception):
-                await (await opening).__aexit__(None, None, None)
-
-
 class FlowRunner:
     """Runs one Prefect flow object, once per ``run(event, attempt)`` call.
 
@@ -276,9 +214,6 @@ class FlowRunner:
         self.is_async: bool = bool(flow.isasync)
         self.api_url = self._resolve_api_url(api_url) if tracking == "api" else None
         self._settings = self._build_settings()
-        self._tracked_flow = (
-            flow if flow.flow_run_name else flow.with_options(flow_run_name=_current_run_name)
-        )
         self._owns_pool = pool is None
         self._pool = pool or ThreadPoolExecutor(max_threads, thread_name_prefix=f"flow-{self.name}")
         self._owns_clients = clients is None
@@ -317,7 +252,6 @@ class FlowRunner:
         tokens = [
             (_attempt, _attempt.set(attempt)),
             (_event, _event.set(event)),
-            (_run_name, _run_name.set(run_name_for(event, attempt, self.name))),
         ]
         try:
             with self._settings.model_copy():
@@ -329,6 +263,13 @@ class FlowRunner:
         finally:
             for var, token in reversed(tokens):
                 var.reset(token)
+
+    def _tracked_call(
+        self, event: dict[str, Any], attempt: int
+    ) -> tuple[dict[str, Any], str | None]:
+        """The flow's arguments and the run's name (``None``: the flow names its own runs)."""
+        name = None if self.flow.flow_run_name else run_name_for(event, attempt, self.name)
+        return {self.event_parameter: event}, name
 
     async def run(self, event: dict[str, Any], attempt: int) -> RunOutcome:
         """Run the flow once with ``event``; every failure becomes ``ok=False``."""
@@ -348,11 +289,12 @@ class FlowRunner:
                     self.flow.fn(**{self.event_parameter: event})
                     return self._outcome(started)
                 with self.clients.sync_context():
-                    state = self._tracked_flow(**{self.event_parameter: event}, return_state=True)
-                    flow_run_id = _flow_run_id(state)
+                    kwargs, name = self._tracked_call(event, attempt)
+                    state = run_named_sync(self.flow, kwargs, name)
+                    flow_run_id = flow_run_id_of(state)
                     if state.is_completed():
                         return self._outcome(started, flow_run_id=flow_run_id)
-                    return self._failed(_state_exception_sync(state), started, flow_run_id)
+                    return self._failed(state_exception_sync(state), started, flow_run_id)
         except BaseException as exc:  # a thread has no one to re-raise to
             return self._failed(exc, started, flow_run_id)
 
@@ -366,12 +308,12 @@ class FlowRunner:
                     await self.flow.fn(**{self.event_parameter: event})
                     return self._outcome(started)
                 async with await self.clients.async_context():
-                    flow = self._tracked_flow
-                    state = await flow(**{self.event_parameter: event}, return_state=True)
-                    flow_run_id = _flow_run_id(state)
+                    kwargs, name = self._tracked_call(event, attempt)
+                    state = await run_named_async(self.flow, kwargs, name)
+                    flow_run_id = flow_run_id_of(state)
                     if state.is_completed():
                         return self._outcome(started, flow_run_id=flow_run_id)
-                    return self._failed(await _state_exception(state), started, flow_run_id)
+                    return self._failed(await state_exception(state), started, flow_run_id)
         except (Exception, SystemExit) as exc:
             return self._failed(exc, started, flow_run_id)
 
@@ -411,33 +353,3 @@ class FlowRunner:
             if self.tracking == "api":
                 await flush_prefect_services(flush_timeout)
             await self.clients.aclose()
-
-
-async def flush_prefect_services(timeout: float) -> None:
-    """Send what Prefect's log and event workers hold (they restart on next use)."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for service in (APILogWorker, EventsWorker):
-        with contextlib.suppress(Exception):
-            drained = service.drain_all(timeout=timeout, at_exit=False)
-            if inspect.isawaitable(drained):
-                await drained
-
-
-def _flow_run_id(state: Any) -> str | None:
-    run_id = getattr(getattr(state, "state_details", None), "flow_run_id", None)
-    return str(run_id) if run_id else None
-
-
-def _state_exception_sync(state: Any) -> BaseException:
-    from prefect.states import get_state_exception
-
-    try:
-        return get_state_exception(state)
-    except Exception as exc:  # e.g. a state with no exception attached
-        return RuntimeError(f"flow run ended {state.type.value}: {state.message or exc}")
-
-
-async def _state_exception(state: Any) -> BaseException:
-    return await asyncio.to_thread(_state_exception_sync, state)

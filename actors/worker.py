@@ -4,11 +4,18 @@ Async flows run concurrently on the worker's event loop; sync flows run in ONE b
 pool of ``max_threads`` shared by all of the worker's flows; tracked runs of all its flows
 share one set of Prefect API clients (:class:`PrefectClients`).
 
-Tracked runs are further limited to ``tracked_concurrency`` at once per worker (4 by
-default; the rest wait their turn in the worker). Each tracked run is a handful of Prefect
-API calls, and more of them in flight only slow every one down: measured with a trivial sync
-flow against the embedded (SQLite) Prefect server, 2 workers, 200 runs: 7.7 runs/s with 4 in
-flight per worker, 6.2 with 8, 3.5 with 16 (bare Prefect, 2 processes: 6-12 runs/s).
+Tracked runs are further limited to ``tracked_concurrency`` at once per worker (config key
+``cluster.tracked_concurrency``, 1 by default; the rest wait their turn in the worker). A
+Prefect server on SQLite (the embedded one) takes one write at a time: a run whose write
+transaction loses a race with another's gets a 503 (``SQLITE_BUSY``), and Prefect's client
+retries it after 2 s. More runs in flight mean more lost races: measured with a trivial sync
+flow, 2 workers, 200 runs, alternating with bare Prefect (2 processes calling the flow) on
+the same server, cluster/bare ratio per pass: 1 in flight per worker 0.99, 1.11,
+0.99, 1.02; 2: 1.17, 1.03, 0.65, 0.71; 4: 0.78, 0.40; 8: 0.93, 0.61 (the low ones with the
+machine's load at 5-11). In one process, 80 runs: 0-1 503s with 1 in flight, 3-5 with 2, 6-8
+with 4, 21 with 8. The limit covers the whole run, flow body included: raise it for flows
+that spend their time in their own work rather than in the Prefect API, or for a Prefect
+server on PostgreSQL.
 
 ``run`` is idempotent per ``(event key, attempt)``: a coordinator that restarts re-sends the
 runs it found ``running`` in the ledger, and the worker joins the attempt already in flight
@@ -28,13 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from actors.entrypoint import load_flow
-from actors.flow_runner import FlowRunner, PrefectClients, flush_prefect_services
+from actors.flow_runner import FlowRunner
 from actors.handles import RunOutcome
 from actors.journal import AttemptJournal
+from actors.prefect_runs import PrefectClients, flush_prefect_services
 from actors.wire import WireServed
 
 RECENT_OUTCOMES = 10_000
-TRACKED_CONCURRENCY = 4
+TRACKED_CONCURRENCY = 1  # see the module docstring
 
 
 @dataclass(slots=True)
@@ -74,7 +82,8 @@ class FlowWorker(WireServed):
         self._runners: dict[tuple[str, str], FlowRunner] = {}
         self._pool: ThreadPoolExecutor | None = None  # made with the first runner
         self.clients = PrefectClients()
-        self._tracked_slots = asyncio.Semaphore(max(1, tracked_concurrency))
+        self.tracked_concurrency = max(1, tracked_concurrency)
+        self._tracked_slots = asyncio.Semaphore(self.tracked_concurrency)
         self._inflight: dict[tuple[Any, ...], asyncio.Future[RunOutcome]] = {}
         self._recent: OrderedDict[tuple[Any, ...], RunOutcome] = OrderedDict()
         self.journal = AttemptJournal(journal)
@@ -189,4 +198,5 @@ class FlowWorker(WireServed):
             "pid": os.getpid(),
             "inflight": len(self._inflight),
             "runs_started": self.runs_started,
+            "tracked_concurrency": self.tracked_concurrency,
         }

@@ -21,7 +21,7 @@ from actors.host import ListenerHost
 from actors.ingress import ControlHandle, Ingress, TenantAuth
 from actors.ledger import open_ledger
 from actors.supervisor import ClockHostHandle, Supervisor
-from actors.worker import FlowTarget, FlowWorker
+from actors.worker import TRACKED_CONCURRENCY, FlowTarget, FlowWorker
 
 
 def _logging() -> None:
@@ -84,10 +84,18 @@ class WorkerActor(FlowWorker):
         tracking: str,
         threads: int,
         state_dir: str | None = None,
+        tracked_concurrency: int = TRACKED_CONCURRENCY,
     ) -> None:
         _logging()
         journal = Path(state_dir) / "workers" / f"worker-{index}.journal" if state_dir else None
-        super().__init__(index, targets, tracking=tracking, max_threads=threads, journal=journal)
+        super().__init__(
+            index,
+            targets,
+            tracking=tracking,
+            max_threads=threads,
+            journal=journal,
+            tracked_concurrency=tracked_concurrency,
+        )
 
 
 class IngressActor(Ingress):

@@ -181,6 +181,7 @@ def deploy(
             tracking,
             c.worker_concurrency,
             state_dir,
+            c.tracked_concurrency,
             runtime_env={"env_vars": worker_env},
             scheduling_strategy="SPREAD",  # on a multi-node Ray, one per node where possible
         )

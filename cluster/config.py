@@ -32,6 +32,7 @@ from actors.clocks.time import parse_duration
 from actors.entrypoint import resolve_entrypoint
 from actors.errors import FlowLoadError, ListenerError, UnknownFlowError
 from actors.filters import EventFilter
+from actors.worker import TRACKED_CONCURRENCY
 from cluster.config_checks import (
     DEFAULT_TENANT,
     ConfigError,
@@ -104,6 +105,7 @@ class ClusterSection(_Model):
     prefect: str = "embedded"
     workers: PosInt = 2
     worker_concurrency: PosInt = 16
+    tracked_concurrency: PosInt = TRACKED_CONCURRENCY
     ray_address: str | None = None
     ingress: Ingress = Field(default_factory=Ingress)
     max_payload_bytes: PosInt = 1_048_576

@@ -88,3 +88,9 @@ def heartbeat_probe(event: dict[str, Any] | None = None) -> None:
     from prefect.settings import get_current_settings
 
     HEARTBEAT_SEEN.append(get_current_settings().flows.heartbeat_frequency)
+
+
+@flow(flow_run_name="own-{event[id]}")
+def self_named_flow(event: dict[str, Any] | None = None) -> int:
+    _record(event or {"id": "none"})
+    return 3

@@ -89,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--worker-concurrency", type=int, default=16, help="runs in flight per worker"
     )
+    parser.add_argument(
+        "--tracked-concurrency",
+        type=int,
+        default=None,
+        help="tracked runs in flight per worker (default: the config's default)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument(
         "--rounds", type=int, default=2, help="alternate cluster and bare this many times"
@@ -101,7 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def start_cluster(root: Path, workers: int, concurrency: int) -> LocalCluster:
+def start_cluster(
+    root: Path, workers: int, concurrency: int, tracked: int | None = None
+) -> LocalCluster:
     return common.start_cluster(
         root,
         "embedded",
@@ -110,6 +118,7 @@ def start_cluster(root: Path, workers: int, concurrency: int) -> LocalCluster:
         workers=workers,
         max_concurrent_runs=1000,
         worker_concurrency=concurrency,
+        **({"tracked_concurrency": tracked} if tracked else {}),
     )
 
 
@@ -239,7 +248,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-tracked-") as tmp:
         root = Path(tmp)
-        cluster = start_cluster(root, args.workers, args.worker_concurrency)
+        cluster = start_cluster(
+            root, args.workers, args.worker_concurrency, args.tracked_concurrency
+        )
+        tracked_concurrency = cluster.config.cluster.tracked_concurrency
         try:
             assert cluster.prefect_api_url is not None
             warm = cluster_side(cluster, 4 * args.workers, "warm", args.timeout)
@@ -264,6 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "tracked",
         "workers": args.workers,
         "worker_concurrency": args.worker_concurrency,
+        "tracked_concurrency": tracked_concurrency,
         "runs": args.runs,
         "rounds": args.rounds,
         "cluster": ours,

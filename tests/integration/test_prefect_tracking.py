@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
 import prefect
 import pytest
 from prefect.client.orchestration import PrefectClient
@@ -146,4 +149,75 @@ async def test_long_and_odd_event_ids(api_url) -> None:
     run = await read_run(api_url, outcome.prefect_flow_run_id)
     assert run.name.startswith("odd-s3://landing/ïncoming/") and run.name.endswith("@etag/%20")
     assert f"event:{event['id']}" in run.tags
-    assert run.parameters["record"] == event
+    assert run.parameters == {"record": event, "scale": 2}  # defaults too, as a flow call
+
+
+def record_requests(monkeypatch) -> list[tuple[str, str, Any]]:
+    """Every HTTP request any httpx client sends from now on: (method, path, JSON body)."""
+    seen: list[tuple[str, str, Any]] = []
+    send, asend = httpx.Client.send, httpx.AsyncClient.send
+
+    def note(request: httpx.Request) -> None:
+        path = re.sub(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", "{id}", request.url.path)
+        body = json.loads(request.content) if request.content else None
+        seen.append((request.method, path, body))
+
+    def sync_send(self: httpx.Client, request: httpx.Request, **kwargs: Any) -> Any:
+        note(request)
+        return send(self, request, **kwargs)
+
+    async def async_send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> Any:
+        note(request)
+        return await asend(self, request, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "send", sync_send)
+    monkeypatch.setattr(httpx.AsyncClient, "send", async_send)
+    return seen
+
+
+@pytest.mark.parametrize("flow", [flows.sync_flow, flows.async_flow])
+async def test_tracked_run_is_created_named_and_tagged_in_one_call(
+    api_url, flow, monkeypatch
+) -> None:
+    runner = FlowRunner(flow, tracking="api")
+    event = make_event()
+    try:
+        assert (await runner.run(make_event(), attempt=1)).ok  # clients opened, flow known
+        seen = record_requests(monkeypatch)
+        outcome = await runner.run(event, attempt=2)
+    finally:
+        await runner.aclose()
+    assert outcome.ok, outcome.error
+    run_calls = [(m, p, b) for m, p, b in seen if p.startswith("/api/flow_runs")]
+    creates = [b for m, p, b in run_calls if (m, p) == ("POST", "/api/flow_runs/")]
+    assert len(creates) == 1
+    assert creates[0]["name"] == f"ingest-{event['id']}-try2"
+    assert set(creates[0]["tags"]) == {
+        "tenant:acme",
+        "flow:ingest",
+        f"event:{event['id']}",
+        "attempt:2",
+    }
+    assert [m for m, _, _ in run_calls].count("PATCH") == 0  # no rename after creation
+    # No more calls than calling the flow directly: create, read, Running, Completed.
+    assert sorted((m, p) for m, p, _ in run_calls) == [
+        ("GET", "/api/flow_runs/{id}"),
+        ("POST", "/api/flow_runs/"),
+        ("POST", "/api/flow_runs/{id}/set_state"),
+        ("POST", "/api/flow_runs/{id}/set_state"),
+    ]
+    run = await read_run(api_url, outcome.prefect_flow_run_id)
+    assert run.name == f"ingest-{event['id']}-try2"
+
+
+async def test_a_flow_with_its_own_run_name_keeps_it(api_url) -> None:
+    runner = FlowRunner(flows.self_named_flow, tracking="api")
+    event = make_event()
+    try:
+        outcome = await runner.run(event, attempt=1)
+    finally:
+        await runner.aclose()
+    assert outcome.ok, outcome.error
+    run = await read_run(api_url, outcome.prefect_flow_run_id)
+    assert run.name == f"own-{event['id']}"
+    assert set(run.tags) == {"tenant:acme", "flow:ingest", f"event:{event['id']}", "attempt:1"}

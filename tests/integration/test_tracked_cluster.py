@@ -15,7 +15,12 @@ pytestmark = pytest.mark.ray
 
 
 def test_embedded_prefect_tracks_each_run_with_event_tags_and_run_name(make_cluster):
-    c = make_cluster([{"name": "ingest", "clocks": [{"type": "webhook"}]}], prefect="embedded")
+    c = make_cluster(
+        [{"name": "ingest", "clocks": [{"type": "webhook"}]}],
+        prefect="embedded",
+        tracked_concurrency=3,
+    )
+    assert c.cluster.call("worker-0", "ping")["tracked_concurrency"] == 3  # from the config
     assert c.post("ingest", {"id": "order-42", "payload": {"n": 42}}).status_code == 202
     wait_until(lambda: c.completed() == 1, timeout=60, what="the tracked run")
     (run,) = c.runs()

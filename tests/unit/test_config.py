@@ -343,6 +343,20 @@ def test_bad_values_name_key_and_value(tmp_path: Path) -> None:
     assert_problem(err, "flows[0].retry_delay", "'soon'")
 
 
+def test_tracked_concurrency_defaults_and_must_be_positive(tmp_path: Path) -> None:
+    from actors.worker import TRACKED_CONCURRENCY
+
+    assert load_config(write_config(tmp_path, MINIMAL)).cluster.tracked_concurrency == (
+        TRACKED_CONCURRENCY
+    )
+    set_to_8 = "cluster: {tracked_concurrency: 8}\n" + MINIMAL
+    assert load_config(write_config(tmp_path / "ok", set_to_8)).cluster.tracked_concurrency == 8
+    for value, words in (("0", ["greater than or equal to 1"]), ("many", ["integer", "'many'"])):
+        text = f"cluster: {{tracked_concurrency: {value}}}\n" + MINIMAL
+        err = config_error(write_config(tmp_path / value, text))
+        assert_problem(err, "cluster.tracked_concurrency", *words)
+
+
 def test_bad_cron_names_the_cron_option(tmp_path: Path) -> None:
     text = """
     flows:
