@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -159,7 +159,9 @@ class PostgresLedger:
                 await conn.close()
 
     # -- claims -------------------------------------------------------------------------
-    async def claim(self, events: list[Event]) -> list[bool]:
+    async def claim(
+        self, events: list[Event], packed: Sequence[bytes | bytearray] | None = None
+    ) -> list[bool]:
         """Insert-if-absent, one transaction per batch: which events are new.
 
         The first occurrence of each key in the batch is offered to one
@@ -171,7 +173,9 @@ class PostgresLedger:
         for i, e in enumerate(events):
             first.setdefault(e.key, i)
         # In key order: writers racing on overlapping batches take row locks in one order.
-        offered = [events[first[key]] for key in sorted(first)]
+        order = [first[key] for key in sorted(first)]
+        offered = [events[i] for i in order]
+        blobs = [bytes(packed[i]) if packed else _pack(events[i]) for i in order]
         now = time.time()
 
         committing: list[list[bool]] = []  # the answer, once COMMIT has been sent
@@ -183,7 +187,7 @@ class PostgresLedger:
                     [e.tenant for e in offered],
                     [e.flow for e in offered],
                     [e.id for e in offered],
-                    [_pack(e) for e in offered],
+                    blobs,
                     now,
                 )
                 inserted = {(r["tenant"], r["flow"], r["event_id"]) for r in rows}

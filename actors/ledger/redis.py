@@ -23,6 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +199,9 @@ class RedisLedger:
         await self._drop()
 
     # -- claims -------------------------------------------------------------------------
-    async def claim(self, events: list[Event]) -> list[bool]:
+    async def claim(
+        self, events: list[Event], packed: Sequence[bytes | bytearray] | None = None
+    ) -> list[bool]:
         """Insert-if-absent, one script per batch: which events are new (repeats inside the
         batch are duplicates)."""
         if not events:
@@ -211,8 +214,14 @@ class RedisLedger:
             seen[fk] = seen.get(fk, 0) + 1
         offered = [events[i] for i in first.values()]
         items = [
-            [flow_key(e.tenant, e.flow), e.id.encode(), _pack(e.to_wire()), e.tenant, e.flow]
-            for e in offered
+            [
+                flow_key(e.tenant, e.flow),
+                e.id.encode(),
+                bytes(packed[i]) if packed else _pack(e.to_wire()),
+                e.tenant,
+                e.flow,
+            ]
+            for i, e in zip(first.values(), offered, strict=True)
         ]
         flows = [[fk, n] for fk, n in seen.items()]
         out = await self._call("claim", {"now": repr(time.time()), "items": items, "flows": flows})

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import msgpack
+
 from actors.ledger import Finish, Ledger, RejectionRecord, RunState
 from tests.contract.ledgers import KEY, Store, dead, fail, ledger, make_event, state_of, stores
 
@@ -52,6 +54,14 @@ async def test_claims_count_seen_accepted_and_duplicate_per_flow(ledger: Ledger)
     assert counts[("acme", "other")].events["accepted"] == 1
     assert counts[("acme", "ingest")].runs["pending"] == 3
     assert counts[("acme", "ingest")].last_event_at is not None
+
+
+async def test_claim_stores_the_events_wire_bytes_when_given(ledger: Ledger) -> None:
+    events = [make_event(f"w{i}", payload={"i": i}) for i in range(3)] + [make_event("w0")]
+    packed = [bytearray(msgpack.packb(e.to_wire(), use_bin_type=True)) for e in events]
+    assert await ledger.claim(events, packed) == [True, True, True, False]
+    stored = {r.event.id: r.event for r in await ledger.runs()}
+    assert stored == {e.id: e for e in events[:3]}
 
 
 async def test_claimed_event_is_stored_whole(ledger: Ledger) -> None:
