@@ -154,9 +154,9 @@ class SQLiteLedger:
         start = 0
         while start < len(ids):
             size = min(self._max_rows, 1 << ((len(ids) - start).bit_length() - 1))
-            params: list[object] = [key[0], key[1], now]
-            for pair in zip(ids[start : start + size], blobs[start : start + size], strict=True):
-                params += pair
+            params: list[object] = [key[0], key[1], now, *([None] * (2 * size))]
+            params[3::2] = ids[start : start + size]
+            params[4::2] = blobs[start : start + size]
             inserted += [row[0] for row in self._db.execute(_insert_sql(size), params)]
             start += size
         return inserted
