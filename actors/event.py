@@ -105,17 +105,17 @@ def unpack_events_wire(data: bytes) -> tuple[list[Event], list[bytearray]]:
     ``bytearray`` slices, which sqlite3 binds without its adapter lookup."""
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
     unpacker.feed(data)
-    buffer = bytearray(data)
-    events: list[Event] = []
-    wire: list[bytearray] = []
-    unpack, tell = unpacker.unpack, unpacker.tell
+    tell = unpacker.tell
+    rows: list[list[Any]] = []
+    ends: list[int] = []
     count = unpacker.read_array_header()
     start = tell()
-    for _ in range(count):
-        events.append(Event(*unpack()))
-        end = tell()
-        wire.append(buffer[start:end])
-        start = end
+    for _, row in zip(range(count), unpacker, strict=False):
+        rows.append(row)
+        ends.append(tell())
+    buffer = bytearray(data)
+    events = [Event(*row) for row in rows]
+    wire = [buffer[a:b] for a, b in zip([start, *ends], ends, strict=False)]
     return events, wire
 
 
