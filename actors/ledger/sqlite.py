@@ -297,6 +297,9 @@ class SQLiteLedger:
 
     # -- reads --------------------------------------------------------------------------
     async def open_runs(self, include_pending: bool = True) -> list[RunRecord]:
+        """Runs not finished. Without pending runs (what a restarting coordinator resumes)
+        this reads ``runs_open``; with them it scans the table (pending runs are paged per
+        flow through ``pending`` instead)."""
         states = "('pending', 'running', 'failed')" if include_pending else "('running', 'failed')"
         rows = self._db.execute(
             f"SELECT {RUN_COLUMNS} FROM runs WHERE state IN {states} ORDER BY created"
@@ -304,10 +307,11 @@ class SQLiteLedger:
         return [_record(r) for r in rows]
 
     async def pending(self, tenant: str, flow: str, limit: int) -> list[Event]:
-        """The oldest ``limit`` events of a flow still waiting for their first start."""
+        """The oldest ``limit`` events of a flow still waiting for their first start, in claim
+        order (rowid: appended as claimed, so ``runs_pending`` holds them in that order)."""
         rows = self._db.execute(
             "SELECT event FROM runs WHERE tenant = ? AND flow = ? AND state = 'pending' "
-            "ORDER BY created, rowid LIMIT ?",
+            "ORDER BY rowid LIMIT ?",
             (tenant, flow, limit),
         ).fetchall()
         return [Event.from_wire(msgpack.unpackb(r[0], raw=False)) for r in rows]

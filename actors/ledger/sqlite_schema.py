@@ -8,9 +8,9 @@ cost of the claim path:
   was ``WITHOUT ROWID`` keyed by ``(tenant, flow, event_id)``, so every claim inserted its
   ~200-byte rows at random places of one big B-tree.
 - ``runs_open`` indexes only ``running`` and ``failed`` runs (what a restarted coordinator
-  resumes); ``runs_pending`` already covers ``pending`` ones, oldest first per flow. Before
-  version 2 ``runs_open`` covered ``pending`` too: a third B-tree written by every claim,
-  which cost about as much as the two others together.
+  resumes); ``runs_pending`` already covers ``pending`` ones, per flow in claim (rowid)
+  order. Before version 2 ``runs_open`` covered ``pending`` too: a third B-tree written by
+  every claim, which cost about as much as the two others together.
 
 ``PRAGMA user_version`` records the version; :func:`ensure_schema` brings any earlier file up
 to date in one transaction when it is opened (a crash in the middle leaves the old schema).
@@ -39,8 +39,7 @@ CREATE TABLE {name} (
 RUNS_INDEXES = (
     "CREATE UNIQUE INDEX IF NOT EXISTS runs_key ON runs(tenant, flow, event_id)",
     "CREATE INDEX IF NOT EXISTS runs_open ON runs(state) WHERE state IN ('running', 'failed')",
-    "CREATE INDEX IF NOT EXISTS runs_pending ON runs(tenant, flow, created) "
-    "WHERE state = 'pending'",
+    "CREATE INDEX IF NOT EXISTS runs_pending ON runs(tenant, flow) WHERE state = 'pending'",
 )
 OTHER_TABLES = (
     """CREATE TABLE IF NOT EXISTS counters (

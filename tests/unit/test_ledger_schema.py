@@ -1,4 +1,5 @@
-"""SQLite ledger files written by earlier versions open, migrate once, and keep every run."""
+"""SQLite ledger schema: files written by earlier versions open, migrate once and keep every
+run; the queries of the hot paths read their indexes."""
 
 from __future__ import annotations
 
@@ -207,5 +208,35 @@ async def test_stored_event_blob_is_the_wire_encoding(tmp_path: Path) -> None:
         assert (await ledger.pending("acme", "ingest", 1)) == [event]
         (stored,) = ledger._db.execute("SELECT event FROM runs").fetchone()
         assert stored == wire
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "index"),
+    [
+        (
+            "SELECT event FROM runs WHERE tenant = 'a' AND flow = 'b' AND state = 'pending' "
+            "ORDER BY rowid LIMIT 5",
+            "runs_pending",
+        ),
+        (
+            "SELECT event FROM runs WHERE state IN ('running', 'failed') ORDER BY created",
+            "runs_open",
+        ),
+        (
+            "UPDATE runs SET state = 'running' WHERE tenant = 'a' AND flow = 'b' "
+            "AND event_id = 'c' AND state IN ('pending', 'failed')",
+            "runs_key",
+        ),
+    ],
+)
+async def test_hot_queries_read_their_index(tmp_path: Path, query: str, index: str) -> None:
+    ledger = SQLiteLedger(tmp_path / "ledger.db")
+    try:
+        await ledger.claim([make_event(f"e{i}") for i in range(50)])
+        plan = " ".join(str(row[3]) for row in ledger._db.execute(f"EXPLAIN QUERY PLAN {query}"))
+        assert f"USING INDEX {index}" in plan
+        assert "ORDER BY rowid" not in query or "TEMP B-TREE" not in plan
     finally:
         await ledger.close()
