@@ -43,6 +43,20 @@ class FlowQueues:
             self._ready[fkey] = None
         queue.append(ev)
 
+    def _enqueue_many(self: Any, fkey: FlowKey, events: list[Event]) -> None:
+        """``_enqueue`` for new events of one flow, in order: those that fit in the window
+        join the queue, the rest stay in the ledger (one spill for all of them)."""
+        queue = self._queues[fkey]
+        self._backlog[fkey[0]] = self._backlog.get(fkey[0], 0) + len(events)
+        room = 0 if fkey in self._spilled else max(0, self.queue_window - len(queue))
+        if room and events:
+            if not queue:
+                self._queued_at[fkey] = time.monotonic()
+                self._ready[fkey] = None
+            queue.extend(events[:room])
+        if len(events) > room:
+            self._spill(fkey, len(events) - room)
+
     def _take(self: Any, fkey: FlowKey) -> Event:
         """The next queued event of ``fkey`` (the caller checked the queue is not empty)."""
         queue = self._queues[fkey]

@@ -21,52 +21,27 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from actors.backlog import QUEUE_WINDOW, FlowQueues
-from actors.batching import BatchDelivery, BatchPolicy
-from actors.event import Event, unpack_events
+from actors.batching import BatchDelivery
+from actors.event import Event
 from actors.group_commit import GroupCommit
-from actors.handles import RunOutcome, SourceRejection, WorkerHandle
-from actors.ledger import Finish, FlowCounts, Ledger, RejectionRecord, RunRecord
+from actors.handles import RunOutcome, WorkerHandle
+from actors.intake import Intake
+from actors.ledger import Finish, FlowCounts, Ledger, RunRecord
+from actors.policy import FlowPolicy, TenantPolicy
 from actors.quota import TokenBucket
 from actors.wire import WireServed
 
+__all__ = ["Coordinator", "FlowPolicy", "TenantPolicy"]
 log = logging.getLogger(__name__)
 
 FlowKey = tuple[str, str]
 RunKey = tuple[str, str, str]
 
 
-@dataclass(slots=True)
-class FlowPolicy:
-    tenant: str
-    flow: str
-    retries: int = 3
-    retry_delay: float = 1.0
-    max_retry_delay: float = 300.0
-    batch: BatchPolicy | None = None  # None: one run per event
-
-    @property
-    def key(self) -> FlowKey:
-        return (self.tenant, self.flow)
-
-    def backoff(self, attempt: int, rng: Callable[[], float]) -> float:
-        """Delay before attempt ``attempt + 1``: exponential with ±50% jitter, capped."""
-        base = min(self.max_retry_delay, self.retry_delay * 2 ** (attempt - 1))
-        return base * (0.5 + rng())
-
-
-@dataclass(slots=True)
-class TenantPolicy:
-    name: str
-    max_concurrent_runs: int = 8
-    max_events_per_second: int = 1000
-    max_pending_runs: int = 100_000
-
-
-class Coordinator(BatchDelivery, FlowQueues, WireServed):
+class Coordinator(Intake, BatchDelivery, FlowQueues, WireServed):
     WIRE_METHODS = frozenset({"submit_packed"})  # the hot call of hosts and the ingress
 
     def __init__(
@@ -178,58 +153,6 @@ class Coordinator(BatchDelivery, FlowQueues, WireServed):
             "queued": sum(len(q) for q in self._queues.values()),
             "backlog": sum(self._backlog.values()),
         }
-
-    # -- intake -------------------------------------------------------------------------
-    async def submit_packed(self, data: bytes, rejections: list[SourceRejection]) -> list[str]:
-        return await self.submit(unpack_events(data), rejections)
-
-    async def submit(
-        self, events: list[Event], rejections: list[SourceRejection] | None = None
-    ) -> list[str]:
-        await self.start()
-        outcomes: list[str] = [""] * len(events)
-        claimable: list[int] = []
-        wanted: dict[str, int] = {}
-        for i, ev in enumerate(events):
-            if (ev.tenant, ev.flow) not in self.flows:
-                outcomes[i] = "rejected:unknown_flow"
-            else:
-                claimable.append(i)
-                wanted[ev.tenant] = wanted.get(ev.tenant, 0) + 1
-        # Workers saturated: a tenant whose backlog is full is told ``busy`` (the host keeps
-        # the events unacked and reads its source more slowly; the ingress answers 429).
-        # Checked per batch (a batch may overshoot the bound by its own size): duplicates,
-        # which cost no backlog, are only known once claimed.
-        room = {t: n if self._has_room(t) else 0 for t, n in wanted.items()}
-        granted = {t: self._bucket(t).take(n) for t, n in room.items()}
-        seen: dict[str, int] = {}
-        to_claim: list[int] = []
-        for i in claimable:
-            tenant = events[i].tenant
-            k = seen[tenant] = seen.get(tenant, 0) + 1
-            if k <= granted[tenant]:
-                to_claim.append(i)
-            else:
-                outcomes[i] = "throttled" if k <= room[tenant] else "busy"
-        if rejections:
-            await self.ledger.reject([_rejection_record(r) for r in rejections])
-        new = await self.ledger.claim([events[i] for i in to_claim])
-        for i, is_new in zip(to_claim, new, strict=True):
-            outcomes[i] = "accepted" if is_new else "duplicate"
-            if is_new:
-                self._enqueue(events[i])
-        self._pump()
-        return outcomes
-
-    def _has_room(self, tenant: str) -> bool:
-        policy = self.tenants.get(tenant) or TenantPolicy(tenant)
-        return self._backlog.get(tenant, 0) < policy.max_pending_runs
-
-    def _bucket(self, tenant: str) -> TokenBucket:
-        bucket = self._buckets.get(tenant)
-        if bucket is None:  # a tenant without a policy gets the default quota
-            bucket = self._buckets[tenant] = TokenBucket(TenantPolicy(tenant).max_events_per_second)
-        return bucket
 
     # -- dispatch -----------------------------------------------------------------------
     def _pump(self) -> None:
@@ -412,15 +335,3 @@ class Coordinator(BatchDelivery, FlowQueues, WireServed):
         if clear:
             self._latencies.clear()
         return out
-
-
-def _rejection_record(r: SourceRejection) -> RejectionRecord:
-    return RejectionRecord(
-        tenant=r.tenant,
-        flow=r.flow,
-        source=r.source,
-        reason=r.rejection.reason,
-        detail=r.rejection.detail,
-        ref=r.rejection.ref,
-        at=time.time(),
-    )

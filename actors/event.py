@@ -99,6 +99,26 @@ def unpack_events(data: bytes) -> list[Event]:
     return [Event.from_wire(row) for row in msgpack.unpackb(data, raw=False)]
 
 
+def unpack_events_wire(data: bytes) -> tuple[list[Event], list[bytearray]]:
+    """``unpack_events``, plus each event's own msgpack bytes (``packb(event.to_wire())``),
+    sliced from the batch as it is decoded: what the ledger stores, without encoding again.
+    ``bytearray`` slices, which sqlite3 binds without its adapter lookup."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    tell = unpacker.tell
+    rows: list[list[Any]] = []
+    ends: list[int] = []
+    count = unpacker.read_array_header()
+    start = tell()
+    for _, row in zip(range(count), unpacker, strict=False):
+        rows.append(row)
+        ends.append(tell())
+    buffer = bytearray(data)
+    events = [Event(*row) for row in rows]
+    wire = [buffer[a:b] for a, b in zip([start, *ends], ends, strict=False)]
+    return events, wire
+
+
 def check_event_id(event_id: Any) -> str:
     if not isinstance(event_id, str) or not event_id:
         raise EventError("event id must be a non-empty string", reason="bad_id")

@@ -16,6 +16,7 @@ so a stale report from an earlier attempt can never overwrite a later one.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -102,9 +103,13 @@ class FlowCounts:
 class Ledger(Protocol):
     """Backends: SQLite (default), Redis and PostgreSQL for multi-node clusters."""
 
-    async def claim(self, events: list[Event]) -> list[bool]:
+    async def claim(
+        self, events: list[Event], packed: Sequence[bytes | bytearray] | None = None
+    ) -> list[bool]:
         """Insert-if-absent each event as ``pending``; True where it was new. Counts seen,
-        accepted and duplicate in the same transaction. Safe to call again with the same batch."""
+        accepted and duplicate in the same transaction. Safe to call again with the same batch.
+        ``packed[i]``, when given, is ``events[i]`` as msgpack'd on the wire (``to_wire``),
+        which a backend may store instead of encoding the event again."""
 
     async def reject(self, records: list[RejectionRecord]) -> None: ...
 

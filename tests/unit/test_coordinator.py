@@ -23,6 +23,7 @@ from helpers import (
 
 from actors.clocks import Rejection
 from actors.coordinator import FlowPolicy, TenantPolicy
+from actors.event import pack_events
 from actors.handles import SourceRejection
 from actors.ledger import SQLiteLedger
 from actors.worker import FlowTarget, FlowWorker
@@ -408,3 +409,41 @@ async def test_starting_twice_dispatches_restored_runs_once(tmp_path: Path) -> N
 def test_a_coordinator_needs_a_worker(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one worker"):
         make_coordinator(tmp_path / "ledger.db", [])
+
+
+# -- packed intake (what a host sends through Ray) -----------------------------------------
+async def test_a_packed_batch_gets_the_outcomes_and_rows_of_the_same_events_unpacked(
+    tmp_path: Path,
+) -> None:
+    tenants = [TenantPolicy("acme"), TenantPolicy("beta")]
+    batches = [
+        [make_event("a0"), make_event("a1"), make_event("a0"), make_event("x", flow="nope")],
+        [make_event("a1"), make_event("b0", tenant="beta"), make_event("a2"), make_event("a3")],
+    ]
+    answers, stored = [], []
+    for packed in (False, True):
+        worker = RecordingWorker()
+        coord = make_coordinator(
+            tmp_path / f"{packed}.db", [worker], flows=TWO_TENANTS, tenants=tenants
+        )
+        async with running(coord):
+            answers.append(
+                [
+                    await (coord.submit_packed(pack_events(b), []) if packed else coord.submit(b))
+                    for b in batches
+                ]
+            )
+            await wait_for(all_in_state(coord, 5, "completed"))
+            stored.append(sorted((r.key, r.event) for r in await coord.ledger.runs()))
+            counts = await flow_counts(coord)
+        assert sorted(worker.ids()) == ["a0", "a1", "a2", "a3", "b0"]
+        assert counts["events"] == {"seen": 6, "accepted": 4, "duplicate": 2, "rejected": 0}
+    assert (
+        answers[0]
+        == answers[1]
+        == [
+            ["accepted", "accepted", "duplicate", "rejected:unknown_flow"],
+            ["duplicate", "accepted", "accepted", "accepted"],
+        ]
+    )
+    assert stored[0] == stored[1]
