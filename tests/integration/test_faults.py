@@ -32,8 +32,11 @@ def test_worker_killed_mid_run_retries_the_event_and_completes_it_once(make_clus
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: c.completed("slow") == 1, timeout=90, what="the retried run")
     (run,) = c.runs()
-    assert run["attempts"] == 2
-    assert [r["attempt"] for r in c.log("slow")] == [2]  # attempt 1 died before its log line
+    # Attempt 1 died before its log line; attempt 2 ran it. Under heavy load a retry sent
+    # while Ray is still restarting the worker fails fast (counted, never run), so the
+    # body may run in attempt 3: what must hold is one completed body, in the last attempt.
+    assert run["attempts"] >= 2
+    assert [r["attempt"] for r in c.log("slow")] == [run["attempts"]]
 
 
 def test_cluster_stopped_and_started_again_catches_up_on_files_that_arrived_meanwhile(
