@@ -44,58 +44,18 @@ __all__ = [
 ]
 
 
-WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-
-def _gate_sync_writes(client: Any, slots: threading.BoundedSemaphore) -> None:
-    """Make ``client`` (a Prefect ``SyncPrefectClient``) send its writes ``slots`` at a time."""
-    http = client._client
-    send = http.send
-
-    def gated(request: Any, *args: Any, **kwargs: Any) -> Any:
-        if request.method not in WRITES:
-            return send(request, *args, **kwargs)
-        with slots:
-            return send(request, *args, **kwargs)
-
-    http.send = gated
-
-
-def _gate_async_writes(client: Any, slots: asyncio.Semaphore) -> None:
-    """The async counterpart of :func:`_gate_sync_writes` (``PrefectClient``)."""
-    http = client._client
-    send = http.send
-
-    async def gated(request: Any, *args: Any, **kwargs: Any) -> Any:
-        if request.method not in WRITES:
-            return await send(request, *args, **kwargs)
-        async with slots:
-            return await send(request, *args, **kwargs)
-
-    http.send = gated
-
-
 class PrefectClients:
     """Prefect API clients shared by tracked runs: one sync client per API URL (thread-safe;
     sync flows in the pool share it) and one async client per (API URL, event loop).
 
     A client is opened on first use, inside the run's settings scope, so it talks to that
     run's API. :meth:`aclose` closes them all.
-
-    ``write_slots`` bounds the API writes (creating a run, changing its state) in flight
-    through these clients: at most that many from sync runs, and as many from async runs,
-    at once. Flow bodies and reads are not held back. A Prefect server on SQLite takes one
-    write at a time, and a write that loses the race is answered 503 and retried by
-    Prefect's client after 2 s: runs in flight by the dozen would mostly wait out retries.
     """
 
-    def __init__(self, write_slots: int = 1) -> None:
-        self.write_slots = max(1, write_slots)
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sync: dict[str, Any] = {}
         self._async: dict[tuple[str, asyncio.AbstractEventLoop], asyncio.Task[Any]] = {}
-        self._sync_writes = threading.BoundedSemaphore(self.write_slots)
-        self._async_writes: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
     @staticmethod
     def _url() -> str:
@@ -114,7 +74,6 @@ class PrefectClients:
             if client is None:
                 client = get_client(sync_client=True)
                 client.__enter__()
-                _gate_sync_writes(client, self._sync_writes)
                 self._sync[url] = client
         return SyncClientContext.model_construct(client=client)
 
@@ -123,23 +82,15 @@ class PrefectClients:
         from prefect.client.orchestration import get_client
         from prefect.context import AsyncClientContext
 
-        loop = asyncio.get_running_loop()
-        key = (self._url(), loop)
+        key = (self._url(), asyncio.get_running_loop())
         opening = self._async.get(key)
         if opening is None:  # one client per loop, even when runs start together
-            slots = self._async_writes.setdefault(loop, asyncio.Semaphore(self.write_slots))
-            opening = self._async[key] = asyncio.create_task(self._open_async(get_client, slots))
+            opening = self._async[key] = asyncio.create_task(get_client().__aenter__())
         try:
             return AsyncClientContext.model_construct(client=await opening)
         except Exception:
             self._async.pop(key, None)  # try a new client next time
             raise
-
-    @staticmethod
-    async def _open_async(get_client: Any, slots: asyncio.Semaphore) -> Any:
-        client = await get_client().__aenter__()
-        _gate_async_writes(client, slots)
-        return client
 
     def opened(self) -> list[Any]:
         """The clients opened so far."""

@@ -4,18 +4,18 @@ Async flows run concurrently on the worker's event loop; sync flows run in ONE b
 pool of ``max_threads`` shared by all of the worker's flows; tracked runs of all its flows
 share one set of Prefect API clients (:class:`PrefectClients`).
 
-Tracked runs send their Prefect API writes (create the run, set its states)
-``tracked_concurrency`` at a time per worker (config key ``cluster.tracked_concurrency``, 1
-by default); their flow bodies and reads still run concurrently. A Prefect server on SQLite
-(the embedded one) takes one write at a time: a write that loses a race with another gets a
-503 (``SQLITE_BUSY``), and Prefect's client retries it after 2 s. More writes in flight mean
-more lost races. Measured with whole runs gated (a trivial sync flow, 2 workers, 200 runs,
-alternating with bare Prefect in 2 processes on the same server), cluster/bare ratio per
-pass: 1 in flight per worker 0.99, 1.11, 0.99, 1.02; 2: 1.17, 1.03, 0.65, 0.71; 4: 0.78,
-0.40; 8: 0.93, 0.61 (the low ones with the machine's load at 5-11); in one process, 80
-runs: 0-1 503s with 1 in flight, 3-5 with 2, 6-8 with 4, 21 with 8. Gating only the writes
-keeps that, without holding long flows to one at a time. Raise it for a Prefect server on
-PostgreSQL.
+Tracked runs are further limited to ``tracked_concurrency`` at once per worker (config key
+``cluster.tracked_concurrency``, 1 by default; the rest wait their turn in the worker). A
+Prefect server on SQLite (the embedded one) takes one write at a time: a run whose write
+transaction loses a race with another's gets a 503 (``SQLITE_BUSY``), and Prefect's client
+retries it after 2 s. More runs in flight mean more lost races: measured with a trivial sync
+flow, 2 workers, 200 runs, alternating with bare Prefect (2 processes calling the flow) on
+the same server, cluster/bare ratio per pass: 1 in flight per worker 0.99, 1.11,
+0.99, 1.02; 2: 1.17, 1.03, 0.65, 0.71; 4: 0.78, 0.40; 8: 0.93, 0.61 (the low ones with the
+machine's load at 5-11). In one process, 80 runs: 0-1 503s with 1 in flight, 3-5 with 2, 6-8
+with 4, 21 with 8. The limit covers the whole run, flow body included: raise it for flows
+that spend their time in their own work rather than in the Prefect API, or for a Prefect
+server on PostgreSQL.
 
 ``run`` is idempotent per ``(event key, attempt)``: a coordinator that restarts re-sends the
 runs it found ``running`` in the ledger, and the worker joins the attempt already in flight
@@ -81,8 +81,9 @@ class FlowWorker(WireServed):
         self._targets = {t.key: t for t in targets}
         self._runners: dict[tuple[str, str], FlowRunner] = {}
         self._pool: ThreadPoolExecutor | None = None  # made with the first runner
-        self.clients = PrefectClients(write_slots=tracked_concurrency)
+        self.clients = PrefectClients()
         self.tracked_concurrency = max(1, tracked_concurrency)
+        self._tracked_slots = asyncio.Semaphore(self.tracked_concurrency)
         self._inflight: dict[tuple[Any, ...], asyncio.Future[RunOutcome]] = {}
         self._recent: OrderedDict[tuple[Any, ...], RunOutcome] = OrderedDict()
         self.journal = AttemptJournal(journal)
@@ -166,8 +167,12 @@ class FlowWorker(WireServed):
                 started_at=started,
                 finished_at=time.time(),
             )
-        self.runs_started += 1
-        return await runner.run(event, attempt)
+        if self.tracking != "api":
+            self.runs_started += 1
+            return await runner.run(event, attempt)
+        async with self._tracked_slots:
+            self.runs_started += 1
+            return await runner.run(event, attempt)
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Wait for runs in flight, then flush and close every runner's Prefect clients (the

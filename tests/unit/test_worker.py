@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from typing import Any
 
+from actors.handles import RunOutcome
 from actors.worker import FlowTarget, FlowWorker
 from tests import flows_for_tests as flows
 from tests.unit import flows_unit
@@ -90,10 +91,40 @@ async def test_tracked_runners_of_a_worker_share_its_clients(monkeypatch) -> Non
     assert worker.clients.opened() == []
 
 
-def test_tracked_concurrency_sets_the_workers_prefect_write_slots() -> None:
-    worker = FlowWorker(0, [], tracking="api", tracked_concurrency=3)
-    assert worker.clients.write_slots == 3
-    assert FlowWorker(0, [], tracking="api", tracked_concurrency=0).clients.write_slots == 1
+async def test_tracked_runs_in_flight_are_capped_per_worker(monkeypatch) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never called here
+    worker = FlowWorker(
+        0,
+        [
+            FlowTarget("acme", "a", flow_obj=flows.sync_flow),
+            FlowTarget("acme", "b", flow_obj=flows.async_flow),
+        ],
+        tracking="api",
+        max_threads=8,
+        tracked_concurrency=2,
+    )
+    running = peak = 0
+
+    async def fake_run(event: dict[str, Any], attempt: int) -> RunOutcome:
+        # Stands in for a tracked run (no Prefect server here): only the gating is tested.
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return RunOutcome(ok=True)
+
+    try:
+        await worker.start()
+        for runner in worker._runners.values():
+            monkeypatch.setattr(runner, "run", fake_run)
+        events = [event("a" if i % 2 else "b") for i in range(8)]
+        outcomes = await asyncio.gather(*(worker.run(e, 1) for e in events))
+        assert all(o.ok for o in outcomes)
+        assert peak == 2  # both flows together, never more than the cap
+        assert worker.runs_started == 8
+    finally:
+        await worker.stop()
 
 
 async def test_untracked_runs_are_not_capped_by_the_tracked_limit() -> None:
