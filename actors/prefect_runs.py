@@ -33,6 +33,8 @@ import inspect
 import threading
 from typing import Any
 
+import httpx
+
 __all__ = [
     "PrefectClients",
     "flow_run_id_of",
@@ -109,6 +111,81 @@ class PrefectClients:
                 await (await opening).__aexit__(None, None, None)
 
 
+# Flow ids by (API URL, flow name): Prefect's create_flow_run upserts the flow (a
+# ``POST /flows/``, one of a run's four writes) before every run; a worker does it once per
+# flow and server, and again only if the server no longer knows the id.
+_FLOW_IDS: dict[tuple[str, str], Any] = {}
+
+
+def _flow_gone(exc: httpx.HTTPStatusError) -> bool:
+    """A run create refused because its flow id is unknown (the flow was deleted)."""
+    return exc.response.status_code in (404, 409, 422)
+
+
+def _run_create_body(flow_id: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """Prefect's ``create_flow_run`` request body, for a flow whose id is known already."""
+    from prefect.client.schemas.actions import FlowRunCreate
+    from prefect.client.schemas.objects import FlowRunPolicy
+    from prefect.states import to_state_create
+
+    flow = args["flow"]
+    return FlowRunCreate(
+        flow_id=flow_id,
+        flow_version=flow.version,
+        name=args["name"],
+        parameters=args["parameters"],
+        context={},
+        tags=list(args["tags"] or []),
+        state=to_state_create(args["state"]),
+        empirical_policy=FlowRunPolicy(
+            retries=flow.retries, retry_delay=int(flow.retry_delay_seconds or 0)
+        ),
+    ).model_dump(mode="json", exclude_unset=True)
+
+
+def _created_run(response: Any, args: dict[str, Any]) -> Any:
+    from prefect.client.schemas.objects import FlowRun
+
+    run = FlowRun.model_validate(response.json())
+    run.parameters = args["parameters"]  # as Prefect does: the local Python objects
+    return run
+
+
+def _create_sync(client: Any, args: dict[str, Any]) -> Any:
+    """Create the flow run: with the flow's known id in one ``POST /flow_runs/``, else by
+    Prefect's ``create_flow_run`` (which upserts the flow first), remembering the id."""
+    key = (str(client.api_url), args["flow"].name)
+    flow_id = _FLOW_IDS.get(key)
+    if flow_id is not None:
+        body = _run_create_body(flow_id, args)
+        try:
+            return _created_run(client.request("POST", "/flow_runs/", json=body), args)
+        except httpx.HTTPStatusError as exc:
+            if not _flow_gone(exc):
+                raise
+            _FLOW_IDS.pop(key, None)
+    run = client.create_flow_run(**args)
+    _FLOW_IDS[key] = run.flow_id
+    return run
+
+
+async def _create_async(client: Any, args: dict[str, Any]) -> Any:
+    """The async counterpart of :func:`_create_sync`."""
+    key = (str(client.api_url), args["flow"].name)
+    flow_id = _FLOW_IDS.get(key)
+    if flow_id is not None:
+        body = _run_create_body(flow_id, args)
+        try:
+            return _created_run(await client.request("POST", "/flow_runs/", json=body), args)
+        except httpx.HTTPStatusError as exc:
+            if not _flow_gone(exc):
+                raise
+            _FLOW_IDS.pop(key, None)
+    run = await client.create_flow_run(**args)
+    _FLOW_IDS[key] = run.flow_id
+    return run
+
+
 @functools.cache
 def _named_engines() -> tuple[type[Any], type[Any]]:
     """Prefect's sync and async flow-run engines, creating the run with ``run_name``."""
@@ -138,7 +215,7 @@ def _named_engines() -> tuple[type[Any], type[Any]]:
         def create_flow_run(self, client: Any) -> Any:
             if own_path(self):
                 return super().create_flow_run(client)
-            return client.create_flow_run(**create_args(self))
+            return _create_sync(client, create_args(self))
 
     @dataclass
     class NamedAsyncFlowRunEngine(AsyncFlowRunEngine):  # type: ignore[type-arg]
@@ -147,7 +224,7 @@ def _named_engines() -> tuple[type[Any], type[Any]]:
         async def create_flow_run(self, client: Any) -> Any:
             if own_path(self):
                 return await super().create_flow_run(client)
-            return await client.create_flow_run(**create_args(self))
+            return await _create_async(client, create_args(self))
 
     return NamedFlowRunEngine, NamedAsyncFlowRunEngine
 

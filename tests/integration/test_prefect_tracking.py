@@ -199,6 +199,8 @@ async def test_tracked_run_is_created_named_and_tagged_in_one_call(
         "attempt:2",
     }
     assert [m for m, _, _ in run_calls].count("PATCH") == 0  # no rename after creation
+    # the flow's id is known from the first run: no upsert of the flow (a write) per run
+    assert [(m, p) for m, p, _ in seen if p.startswith("/api/flows")] == []
     # No more calls than calling the flow directly: create, read, Running, Completed.
     assert sorted((m, p) for m, p, _ in run_calls) == [
         ("GET", "/api/flow_runs/{id}"),
@@ -221,3 +223,18 @@ async def test_a_flow_with_its_own_run_name_keeps_it(api_url) -> None:
     run = await read_run(api_url, outcome.prefect_flow_run_id)
     assert run.name == f"own-{event['id']}"
     assert set(run.tags) == {"tenant:acme", "flow:ingest", f"event:{event['id']}", "attempt:1"}
+
+
+async def test_a_flow_deleted_on_the_server_is_created_again_for_the_next_run(api_url) -> None:
+    runner = FlowRunner(flows.sync_flow, tracking="api")
+    try:
+        first = await runner.run(make_event(), 1)
+        assert first.ok, first.error
+        flow_id = (await read_run(api_url, first.prefect_flow_run_id)).flow_id
+        async with httpx.AsyncClient(base_url=api_url) as api:
+            assert (await api.delete(f"/flows/{flow_id}")).status_code == 204
+        again = await runner.run(make_event(), 1)
+    finally:
+        await runner.aclose()
+    assert again.ok, again.error
+    assert (await read_run(api_url, again.prefect_flow_run_id)).flow_id != flow_id
