@@ -159,3 +159,30 @@ class Ledger(Protocol):
         """``dead`` → ``pending`` with a new attempt series (all dead runs when keys is None)."""
 
     async def close(self) -> None: ...
+
+
+class GroupedStarts:
+    """``start``, ``start_many`` and ``start_batch`` for a backend whose ``_start`` starts a
+    list of ``(key, worker)`` runs in one transaction (a key repeated starts once)."""
+
+    async def _start(
+        self, items: list[tuple[tuple[str, str, str], int]], batch: str | None
+    ) -> list[tuple[int, int] | None]:
+        raise NotImplementedError
+
+    async def start(
+        self, key: tuple[str, str, str], worker: int, batch: str | None = None
+    ) -> tuple[int, int] | None:
+        return (await self._start([(key, worker)], batch))[0]
+
+    async def start_many(
+        self, items: list[tuple[tuple[str, str, str], int]]
+    ) -> list[tuple[int, int] | None]:
+        """``start`` for several runs (each with its own worker), in one transaction."""
+        return await self._start(items, None)
+
+    async def start_batch(
+        self, keys: list[tuple[str, str, str]], worker: int, batch: str
+    ) -> list[tuple[int, int] | None]:
+        """``start`` for every member of a batch, in one transaction."""
+        return await self._start([(key, worker) for key in keys], batch)

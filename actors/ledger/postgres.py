@@ -32,6 +32,7 @@ from actors.ledger.base import (
     EVENT_COUNTERS,
     Finish,
     FlowCounts,
+    GroupedStarts,
     RejectionRecord,
     RunRecord,
     RunState,
@@ -80,7 +81,7 @@ def _columns(keys: list[Key]) -> tuple[list[str], list[str], list[str]]:
     return [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
 
 
-class PostgresLedger:
+class PostgresLedger(GroupedStarts):
     def __init__(self, url: str, state_dir: Path | str) -> None:
         self.target: Target = parse(url, state_dir)
         self.schema = self.target.name
@@ -258,21 +259,6 @@ class PostgresLedger:
         await self._run(op)
 
     # -- run transitions ----------------------------------------------------------------
-    async def start(
-        self, key: Key, worker: int, batch: str | None = None
-    ) -> tuple[int, int] | None:
-        return (await self._start([(key, worker)], batch))[0]
-
-    async def start_many(self, items: list[tuple[Key, int]]) -> list[tuple[int, int] | None]:
-        """``start`` for several runs (each with its own worker), in one transaction."""
-        return await self._start(items, None)
-
-    async def start_batch(
-        self, keys: list[Key], worker: int, batch: str
-    ) -> list[tuple[int, int] | None]:
-        """``start`` for every member of a batch, in one transaction."""
-        return await self._start([(key, worker) for key in keys], batch)
-
     async def _start(
         self, items: list[tuple[Key, int]], batch: str | None
     ) -> list[tuple[int, int] | None]:

@@ -37,6 +37,7 @@ from actors.ledger.base import (
     EVENT_COUNTERS,
     Finish,
     FlowCounts,
+    GroupedStarts,
     RejectionRecord,
     RunRecord,
     RunState,
@@ -116,7 +117,7 @@ def _key_args(key: Key) -> list[bytes]:
     return [flow_key(key[0], key[1]), key[2].encode()]
 
 
-class RedisLedger:
+class RedisLedger(GroupedStarts):
     def __init__(self, url: str, state_dir: Path | str) -> None:
         self.target: Target = parse(url, state_dir)
         self.prefix = prefix(self.target.name)
@@ -243,21 +244,6 @@ class RedisLedger:
         await self._call("reject", {"items": items, "keep": MAX_REJECTIONS_KEPT})
 
     # -- run transitions ----------------------------------------------------------------
-    async def start(
-        self, key: Key, worker: int, batch: str | None = None
-    ) -> tuple[int, int] | None:
-        return (await self._start([(key, worker)], batch))[0]
-
-    async def start_many(self, items: list[tuple[Key, int]]) -> list[tuple[int, int] | None]:
-        """``start`` for several runs (each with its own worker), in one script."""
-        return await self._start(items, None)
-
-    async def start_batch(
-        self, keys: list[Key], worker: int, batch: str
-    ) -> list[tuple[int, int] | None]:
-        """``start`` for every member of a batch, in one script."""
-        return await self._start([(key, worker) for key in keys], batch)
-
     async def _start(
         self, items: list[tuple[Key, int]], batch: str | None
     ) -> list[tuple[int, int] | None]:
