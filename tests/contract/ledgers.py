@@ -15,32 +15,18 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from actors.event import Event
 from actors.ledger import Finish, Ledger, open_ledger
 from tests.contract.base import require_service
+from tests.unit.helpers import make_event
 
 PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
 PG_URL = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{PG_DATABASE}"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 BACKENDS = ["sqlite", "postgresql", "redis"]
-
-
-def make_event(
-    event_id: str, tenant: str = "acme", flow: str = "ingest", payload: Any = None
-) -> Event:
-    return Event(
-        id=event_id,
-        tenant=tenant,
-        flow=flow,
-        source="test",
-        type="test",
-        payload={"n": event_id} if payload is None else payload,
-    )
 
 
 def fresh_namespace() -> str:
@@ -76,6 +62,11 @@ async def drop_keys(prefix: str) -> None:
                 await r.delete(*keys)
     finally:
         await r.aclose()
+
+
+async def drop_store(backend: str, namespace: str) -> None:
+    """Remove everything a server ledger named ``namespace`` wrote."""
+    await (drop_schemas if backend == "postgresql" else drop_keys)(namespace)
 
 
 def require_postgres() -> None:
@@ -118,10 +109,8 @@ class Stores:
 
     def cleanup(self) -> None:
         for store in self.made:
-            if store.namespace and store.backend == "postgresql":
-                asyncio.run(drop_schemas(store.namespace))
-            elif store.namespace:
-                asyncio.run(drop_keys(store.namespace))
+            if store.namespace:
+                asyncio.run(drop_store(store.backend, store.namespace))
 
 
 @pytest.fixture(params=BACKENDS)

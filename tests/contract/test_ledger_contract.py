@@ -4,11 +4,28 @@ run transitions, dead letters, flow state, and durability across reopening the s
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import msgpack
+import pytest
 
-from actors.ledger import Finish, Ledger, RejectionRecord, RunState
-from tests.contract.ledgers import KEY, Store, dead, fail, ledger, make_event, state_of, stores
+from actors.ledger import Finish, Ledger, RejectionRecord, RunState, open_ledger
+from actors.ledger.target import default_namespace
+from tests.contract.ledgers import (
+    KEY,
+    PG_URL,
+    REDIS_URL,
+    Store,
+    dead,
+    drop_store,
+    fail,
+    ledger,
+    make_event,
+    require_postgres,
+    require_redis,
+    state_of,
+    stores,
+)
 
 __all__ = ["ledger", "stores"]  # fixtures: stores is parametrized over the backends
 
@@ -290,3 +307,24 @@ async def test_two_stores_do_not_see_each_others_events(stores: Callable[[], Sto
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "redis"])
+async def test_clusters_with_different_state_dirs_share_a_server_apart(
+    backend: str, tmp_path: Path
+) -> None:
+    (require_postgres if backend == "postgresql" else require_redis)()
+    url = PG_URL if backend == "postgresql" else REDIS_URL
+    dirs = [tmp_path / "one", tmp_path / "two"]
+    try:
+        one, two = (open_ledger(url, d) for d in dirs)
+        assert await one.claim([make_event("e1")]) == [True]
+        assert await two.claim([make_event("e1")]) == [True]
+        await one.close()
+        await two.close()
+        again = open_ledger(url, dirs[0])  # the same state dir finds its ledger again
+        assert await again.claim([make_event("e1"), make_event("e2")]) == [False, True]
+        await again.close()
+    finally:
+        for d in dirs:
+            await drop_store(backend, default_namespace(d))

@@ -80,24 +80,6 @@ def test_each_shard_gets_its_own_schema(tmp_path: Path) -> None:
     assert "shard" not in parse(shard_ledger_url(url, 1, 3), tmp_path).dsn
 
 
-async def test_clusters_with_different_state_dirs_share_a_database_apart(
-    pg: asyncpg.Connection, tmp_path: Path
-) -> None:
-    dirs = [tmp_path / "one", tmp_path / "two"]
-    try:
-        one, two = (open_ledger(PG_URL, d) for d in dirs)
-        assert await one.claim([make_event("e1")]) == [True]
-        assert await two.claim([make_event("e1")]) == [True]
-        await one.close()
-        await two.close()
-        again = open_ledger(PG_URL, dirs[0])  # the same state dir finds its ledger again
-        assert await again.claim([make_event("e1"), make_event("e2")]) == [False, True]
-        await again.close()
-    finally:
-        for d in dirs:
-            await drop_schemas(default_namespace(d))
-
-
 # -- shards --------------------------------------------------------------------------------
 async def test_a_changed_shard_count_is_refused(namespace: str, tmp_path: Path) -> None:
     url = f"{PG_URL}?namespace={namespace}"

@@ -61,24 +61,6 @@ def test_the_prefix_is_named_after_the_state_dir_or_the_namespace(tmp_path: Path
     assert (shard.name, shard.dsn) == ("ns_shard1of2", REDIS_URL)
 
 
-async def test_clusters_with_different_state_dirs_share_a_server_apart(
-    admin: aioredis.Redis, tmp_path: Path
-) -> None:
-    dirs = [tmp_path / "one", tmp_path / "two"]
-    try:
-        one, two = (open_ledger(REDIS_URL, d) for d in dirs)
-        assert await one.claim([make_event("e1")]) == [True]
-        assert await two.claim([make_event("e1")]) == [True]
-        await one.close()
-        await two.close()
-        again = open_ledger(REDIS_URL, dirs[0])  # the same state dir finds its ledger again
-        assert await again.claim([make_event("e1"), make_event("e2")]) == [False, True]
-        await again.close()
-    finally:
-        for d in dirs:
-            await drop_keys(default_namespace(d))
-
-
 async def test_odd_names_and_ids_round_trip(namespace: str, tmp_path: Path) -> None:
     led = ledger_at(namespace, tmp_path)
     odd = [make_event("x:y\x00z", "t:1", "f\u00e9"), make_event("", "t", "f"), make_event("1:a")]
