@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,18 +21,30 @@ from tests.integration.conftest import wait_until
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# Ports for the second head come from below the kernel's ephemeral range (32768+), which
+# outgoing connections and bind-to-0 draw from, and above Ray's worker ports (10002-19999): a
+# port picked there and released cannot be taken by someone's connection before `ray start`
+# binds it (CI once lost the GCS port exactly that way).
+HEAD_PORTS = range(20000, 32000)
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A separate Ray cluster started with ``ray start --head`` (in its own process group,
-    stopped by signalling that group: never ``ray stop``, which kills every Ray here)."""
-    port, dashboard = free_port(), free_port()
-    log = tmp_path_factory.mktemp("head") / "head.log"
+def spare_ports(count: int) -> list[int]:
+    picked: list[int] = []
+    while len(picked) < count:
+        port = random.choice(HEAD_PORTS)
+        if port in picked:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        picked.append(port)
+    return picked
+
+
+def start_head(log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port, dashboard, agent, agent_grpc, runtime_env, metrics = spare_ports(6)
     with open(log, "wb") as out:
         head = subprocess.Popen(
             [
@@ -43,10 +56,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 # Every port explicit: the test session's own Ray already holds the defaults
                 # (the dashboard agent's 52365 ...), and the head's job agent would never come
                 # up ("No available agent to submit job").
-                f"--dashboard-agent-listen-port={free_port()}",
-                f"--dashboard-agent-grpc-port={free_port()}",
-                f"--runtime-env-agent-port={free_port()}",
-                f"--metrics-export-port={free_port()}",
+                f"--dashboard-agent-listen-port={agent}",
+                f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--runtime-env-agent-port={runtime_env}",
+                f"--metrics-export-port={metrics}",
                 "--dashboard-host=127.0.0.1",
                 "--num-cpus=2",
                 "--block",
@@ -62,9 +75,23 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         try:
             return httpx.get(f"{address}/api/version", timeout=2).status_code in (200, 401)
         except httpx.HTTPError:
-            return head.poll() is not None  # ends the wait; asserted below
+            return head.poll() is not None  # ends the wait; checked by the caller
 
     wait_until(dashboard_up, timeout=120, what="the Ray head's dashboard")
+    return head, address
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A separate Ray cluster started with ``ray start --head`` (in its own process group,
+    stopped by signalling that group: never ``ray stop``, which kills every Ray here). A head
+    that dies while starting (a port taken in the meantime) is started again on other ports."""
+    logs = tmp_path_factory.mktemp("head")
+    for attempt in range(3):
+        log = logs / f"head{attempt}.log"
+        head, address = start_head(log)
+        if head.poll() is None:
+            break
     assert head.poll() is None, log.read_text()[-2000:]
     yield address
     os.killpg(head.pid, signal.SIGTERM)
@@ -130,7 +157,7 @@ def test_submit_to_an_unreachable_address_fails_with_a_clear_message(tmp_path: P
             "submit",
             "listeners.yaml",
             "--address",
-            f"http://127.0.0.1:{free_port()}",
+            f"http://127.0.0.1:{spare_ports(1)[0]}",
         ],
         cwd=tmp_path,
         capture_output=True,
