@@ -56,6 +56,7 @@ from actors.errors import FlowLoadError, ListenerError
 from actors.handles import RunOutcome  # ok, error, traceback, prefect_flow_run_id, started/finished
 from actors.prefect_runs import (
     PrefectClients,
+    cache_server_storage_reads,
     flow_run_id_of,
     flush_prefect_services,
     run_named_async,
@@ -213,6 +214,8 @@ class FlowRunner:
         self.tracking = tracking
         self.is_async: bool = bool(flow.isasync)
         self.api_url = self._resolve_api_url(api_url) if tracking == "api" else None
+        if tracking == "api":
+            cache_server_storage_reads()
         self._settings = self._build_settings()
         self._owns_pool = pool is None
         self._pool = pool or ThreadPoolExecutor(max_threads, thread_name_prefix=f"flow-{self.name}")

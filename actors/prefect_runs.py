@@ -19,6 +19,13 @@ run, batched log uploads aside): a bare ``flow()`` call 8 (``POST /flows/``,
 module 9 (the rename: ``PATCH`` and a third ``GET /admin/storage``; no csrf: its client is
 shared); with it 7.
 
+**Server storage read once.** Prefect asks the server for its default result storage
+(``GET /admin/storage``) twice a run, for the run's result store and its persist-result
+default. :func:`cache_server_storage_reads` makes a worker ask once per ``STORAGE_TTL``
+seconds and API URL instead (a failed read is not remembered: Prefect's fallback, local
+storage, applies to that run and the next run asks again). A default storage changed on the
+server reaches runs within ``STORAGE_TTL``.
+
 **Shared clients.** :class:`PrefectClients`: one sync client per API URL and one async
 client per (API URL, event loop), instead of one per run (~20 ms of setup and a csrf-token
 request each).
@@ -31,12 +38,15 @@ import contextlib
 import functools
 import inspect
 import threading
+import time
 from typing import Any
 
 import httpx
 
 __all__ = [
+    "STORAGE_TTL",
     "PrefectClients",
+    "cache_server_storage_reads",
     "flow_run_id_of",
     "flush_prefect_services",
     "run_named_async",
@@ -109,6 +119,69 @@ class PrefectClients:
             opening = self._async.pop(key)
             with contextlib.suppress(Exception):
                 await (await opening).__aexit__(None, None, None)
+
+
+STORAGE_TTL = 5.0
+# The server's default result storage block id by API URL, with when it was read.
+_STORAGE_IDS: dict[str, tuple[float, Any]] = {}
+# What Prefect's own reads catch (its PrefectHTTPStatusError is an httpx.HTTPStatusError).
+_STORAGE_READ_ERRORS = (httpx.HTTPError, RuntimeError, ValueError)
+
+
+def _remembered_storage(url: str) -> tuple[bool, Any]:
+    hit = _STORAGE_IDS.get(url)
+    if hit is not None and time.monotonic() - hit[0] < STORAGE_TTL:
+        return True, hit[1]
+    return False, None
+
+
+def _read_storage_id_sync() -> Any:
+    """Prefect's ``_read_server_default_result_storage_block_id``, remembered a while."""
+    from prefect.client.orchestration import get_client
+
+    url = PrefectClients._url()
+    known, block_id = _remembered_storage(url)
+    if known:
+        return block_id
+    try:
+        config = get_client(sync_client=True).read_server_default_result_storage()
+    except _STORAGE_READ_ERRORS:
+        return None  # as Prefect: local storage for this run; the next run asks again
+    _STORAGE_IDS[url] = (time.monotonic(), config.default_result_storage_block_id)
+    return config.default_result_storage_block_id
+
+
+async def _read_storage_id_async() -> Any:
+    """The async counterpart of :func:`_read_storage_id_sync`."""
+    from prefect.client.orchestration import get_client
+
+    url = PrefectClients._url()
+    known, block_id = _remembered_storage(url)
+    if known:
+        return block_id
+    try:
+        config = await get_client().read_server_default_result_storage()
+    except _STORAGE_READ_ERRORS:
+        return None
+    _STORAGE_IDS[url] = (time.monotonic(), config.default_result_storage_block_id)
+    return config.default_result_storage_block_id
+
+
+@functools.cache
+def cache_server_storage_reads() -> bool:
+    """Route Prefect's reads of the server's default result storage through the remembered
+    reads above (for this process). False if this Prefect has no such reads to route."""
+    from prefect import results
+
+    names = (
+        "_read_server_default_result_storage_block_id",
+        "_aread_server_default_result_storage_block_id",
+    )
+    if not all(hasattr(results, name) for name in names):
+        return False  # another Prefect: its own reads, uncached
+    setattr(results, names[0], _read_storage_id_sync)
+    setattr(results, names[1], _read_storage_id_async)
+    return True
 
 
 # Flow ids by (API URL, flow name): Prefect's create_flow_run upserts the flow (a

@@ -17,6 +17,7 @@ import pytest
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import StateType
 
+from actors import prefect_runs
 from actors.flow_runner import FlowRunner
 from cluster.prefect_server import PrefectServer
 from tests import flows_for_tests as flows
@@ -208,8 +209,30 @@ async def test_tracked_run_is_created_named_and_tagged_in_one_call(
         ("POST", "/api/flow_runs/{id}/set_state"),
         ("POST", "/api/flow_runs/{id}/set_state"),
     ]
+    # the server's default result storage was read in the first run: not again this run
+    assert [(m, p) for m, p, _ in seen if p == "/api/admin/storage"] == []
     run = await read_run(api_url, outcome.prefect_flow_run_id)
     assert run.name == f"ingest-{event['id']}-try2"
+
+
+@pytest.mark.parametrize("flow", [flows.sync_flow, flows.async_flow])
+async def test_the_servers_result_storage_is_read_again_once_its_reading_is_stale(
+    api_url, flow, monkeypatch
+) -> None:
+    runner = FlowRunner(flow, tracking="api")
+    try:
+        assert (await runner.run(make_event(), attempt=1)).ok
+        monkeypatch.setattr(prefect_runs, "STORAGE_TTL", 0.0)
+        seen = record_requests(monkeypatch)
+        outcome = await runner.run(make_event(), attempt=1)
+    finally:
+        await runner.aclose()
+    assert outcome.ok, outcome.error
+    # Prefect's two reads a run (result store, persist-result default), neither remembered
+    assert [(m, p) for m, p, _ in seen if p == "/api/admin/storage"] == [
+        ("GET", "/api/admin/storage"),
+        ("GET", "/api/admin/storage"),
+    ]
 
 
 async def test_a_flow_with_its_own_run_name_keeps_it(api_url) -> None:
