@@ -105,8 +105,8 @@ class FlowQueues:
                 self._spilled.pop(fkey, None)
             else:
                 self._spilled[fkey] = max(1, self._spilled.get(fkey, 0) - moved)
-        except Exception:
-            log.exception("paging pending events of %s/%s failed; retried on the next run", *fkey)
+        except Exception as exc:
+            self._ledger_failed(f"paging pending events of {fkey[0]}/{fkey[1]}", exc)
         finally:
             self._refilling.discard(fkey)
         self._pump()

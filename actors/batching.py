@@ -121,7 +121,13 @@ class BatchDelivery:
     ) -> None:
         try:
             if started is None:
-                got = await self.ledger.start_batch([m.key for m in members], worker, bid)
+                try:
+                    got = await self.ledger.start_batch([m.key for m in members], worker, bid)
+                except Exception as exc:
+                    for m in reversed(members):
+                        self._requeue(m)
+                    self._ledger_failed("starting a batch run", exc)
+                    return
                 pairs = [(m, s) for m, s in zip(members, got, strict=True) if s is not None]
             else:
                 pairs = list(zip(members, started, strict=True))

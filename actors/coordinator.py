@@ -30,6 +30,7 @@ from actors.group_commit import GroupCommit
 from actors.handles import RunOutcome, WorkerHandle
 from actors.intake import Intake
 from actors.ledger import Finish, FlowCounts, Ledger, RunRecord
+from actors.ledger_outage import LedgerOutage
 from actors.policy import FlowPolicy, TenantPolicy
 from actors.quota import TokenBucket
 from actors.wire import WireServed
@@ -41,7 +42,7 @@ FlowKey = tuple[str, str]
 RunKey = tuple[str, str, str]
 
 
-class Coordinator(Intake, BatchDelivery, FlowQueues, WireServed):
+class Coordinator(Intake, BatchDelivery, FlowQueues, LedgerOutage, WireServed):
     WIRE_METHODS = frozenset({"submit_packed"})  # the hot call of hosts and the ingress
 
     def __init__(
@@ -87,6 +88,7 @@ class Coordinator(Intake, BatchDelivery, FlowQueues, WireServed):
         # Runs starting or finishing in the same loop turn share one ledger transaction.
         self._start_run = GroupCommit(ledger.start_many)
         self._finish_run = GroupCommit(ledger.finish)
+        self._init_outage()
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -135,6 +137,8 @@ class Coordinator(Intake, BatchDelivery, FlowQueues, WireServed):
             timer.cancel()
         self._timers.clear()
         self._batch_timers.clear()
+        if self._recovering is not None:
+            self._recovering.cancel()
         tasks = list(self._inflight.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=drain_timeout)
@@ -152,12 +156,14 @@ class Coordinator(Intake, BatchDelivery, FlowQueues, WireServed):
             "inflight": len(self._inflight),
             "queued": sum(len(q) for q in self._queues.values()),
             "backlog": sum(self._backlog.values()),
+            "ledger_ok": self.ledger_ok,
+            "ledger_outages": self.ledger_outages,
         }
 
     # -- dispatch -----------------------------------------------------------------------
     def _pump(self) -> None:
         """Start as many queued runs as tenants' quotas and workers' capacity allow."""
-        if self._stopping or not self._started:
+        if self._stopping or not self._started or not self.ledger_ok:
             return
         progress = True
         while progress:
@@ -205,7 +211,12 @@ class Coordinator(Intake, BatchDelivery, FlowQueues, WireServed):
     async def _run(self, ev: Event, worker: int, started: tuple[int, int] | None) -> None:
         try:
             if started is None:
-                started = await self._start_run((ev.key, worker))
+                try:
+                    started = await self._start_run((ev.key, worker))
+                except Exception as exc:
+                    self._requeue(ev)
+                    self._ledger_failed("starting a run", exc)
+                    return
                 if started is None:
                     return  # completed, dead or running elsewhere: nothing to start
             attempt, series = started
@@ -238,7 +249,7 @@ class Coordinator(Intake, BatchDelivery, FlowQueues, WireServed):
         if not outcome.ok and attempt <= policy.retries:
             delay = policy.backoff(attempt, self._rng)
             retry_at = time.time() + delay
-        fresh = await self._finish_run(
+        fresh = await self._finish_recorded(
             Finish(
                 key=ev.key,
                 attempt=attempt,
