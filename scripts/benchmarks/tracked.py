@@ -4,8 +4,9 @@ the same Prefect server (the cluster's embedded one). Target: ≥ 90% of bare.
 
 Cluster: ``prefect: embedded``, ``workers: W``; N events are POSTed to the ingress as fast as
 it takes them; the rate is N / (first POST → last run completed in the ledger).
-The two sides alternate in ``--rounds`` rounds (a share of the runs each), so a change of
-the machine's load weighs on both alike.
+The two sides alternate in ``--rounds`` rounds (a share of the runs each, the first side
+alternating too), so a change of the machine's load or the server's growing database weighs
+on both alike.
 Bare: W plain Python processes, each with ``PREFECT_API_URL`` set to the cluster's server and
 flow-run heartbeats off (as the cluster's worker runs flows), import the flow, wait for a
 common start signal, then call it N/W times; the rate is N / (start → last process done).
@@ -260,11 +261,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rounds: dict[str, list[dict[str, Any]]] = {"cluster": [], "bare": [], "named": []}
             # Alternate the sides, a share of the runs each round, so a change in the
             # machine's load (or the server's database growing) weighs on both alike.
+            # Which side goes first alternates too: the server's database grows as runs
+            # are written, so the side that runs later in a round meets a bigger one.
             for r, n in enumerate(shares(args.runs, args.rounds)):
-                rounds["cluster"].append(cluster_side(cluster, n, f"c{r}", t))
-                rounds["bare"].append(bare_side(root, api, w, n, t, tag=f"r{r}"))
+                sides = {
+                    "cluster": lambda n=n, r=r: cluster_side(cluster, n, f"c{r}", t),
+                    "bare": lambda n=n, r=r: bare_side(root, api, w, n, t, tag=f"r{r}"),
+                }
                 if args.named_bare:
-                    rounds["named"].append(bare_side(root, api, w, n, t, f"r{r}", named=True))
+                    sides["named"] = lambda n=n, r=r: bare_side(
+                        root, api, w, n, t, f"r{r}", named=True
+                    )
+                order = list(sides) if r % 2 == 0 else list(reversed(sides))
+                for side in order:
+                    rounds[side].append(sides[side]())
                 log.info(
                     "round %d: %s", r, {k: v[-1]["runs_per_s"] for k, v in rounds.items() if v}
                 )
@@ -282,6 +292,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cluster": ours,
         "bare_prefect": bare,
         "ratio_to_bare": round(ours["runs_per_s"] / bare["runs_per_s"], 3),
+        # each round's ratio (the two sides ran back to back): how much one round swings
+        "rounds_ratio_to_bare": [
+            round(c / b, 3)
+            for c, b in zip(ours["rounds_runs_per_s"], bare["rounds_runs_per_s"], strict=True)
+        ],
         **(
             {
                 "bare_prefect_named_like_cluster": named,
