@@ -142,14 +142,15 @@ def test_up_detach_fails_with_the_reason_when_a_clock_cannot_listen(tmp_path: Pa
     assert state["state"] == "failed"
 
 
-SLOW_FLOW = textwrap.dedent(
+HELD_FLOW = textwrap.dedent(
     """
-    import json, time
+    import json, os, time
     from prefect import flow
 
     @flow
     def ingest(event=None):
-        time.sleep(1.5)
+        while not os.path.exists("go"):  # held until the test has killed the driver
+            time.sleep(0.05)
         with open("ran.jsonl", "a") as fh:
             fh.write(json.dumps(event["id"]) + "\\n")
     """
@@ -159,7 +160,7 @@ SLOW_FLOW = textwrap.dedent(
 def test_driver_killed_with_sigkill_is_replaced_by_the_next_up_and_no_event_is_lost(
     tmp_path: Path,
 ):
-    (tmp_path / "flows.py").write_text(SLOW_FLOW)
+    (tmp_path / "flows.py").write_text(HELD_FLOW)
     config = {
         "cluster": {
             "prefect": "off",
@@ -182,6 +183,7 @@ def test_driver_killed_with_sigkill_is_replaced_by_the_next_up_and_no_event_is_l
         os.kill(state["pid"], signal.SIGKILL)
         wait_until(lambda: not pid_alive(state["pid"]), what="the driver to be gone")
         listeners("up", "listeners.yaml", "--detach", cwd=tmp_path)
+        (tmp_path / "go").touch()
 
         def completed() -> set[str]:
             runs = as_json(listeners("runs", "--json", cwd=tmp_path))["runs"]
