@@ -89,6 +89,7 @@ class Coordinator(Intake, BatchDelivery, FlowQueues, LedgerOutage, WireServed):
         self._start_run = GroupCommit(ledger.start_many)
         self._finish_run = GroupCommit(ledger.finish)
         self._init_outage()
+        self._last_counts: dict[FlowKey, FlowCounts] = {}  # what status shows in an outage
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -311,8 +312,14 @@ class Coordinator(Intake, BatchDelivery, FlowQueues, LedgerOutage, WireServed):
         return ["/".join(ev.key) for ev in events]
 
     async def status(self) -> dict[str, Any]:
+        """Per flow counts and state. While the ledger cannot be read, the counts are the
+        last ones read and ``ledger`` says why (``ok`` is false during an outage too)."""
         await self.start()
-        counts = await self.ledger.counts()
+        error = None
+        try:
+            counts = self._last_counts = await self.ledger.counts()
+        except Exception as exc:
+            counts, error = self._last_counts, f"{type(exc).__name__}: {exc}"
         flows = []
         for key in self.flows:
             c = counts.get(key) or FlowCounts()
@@ -328,7 +335,8 @@ class Coordinator(Intake, BatchDelivery, FlowQueues, LedgerOutage, WireServed):
                     "last_event_at": c.last_event_at,
                 }
             )
-        return {"flows": flows}
+        ledger = {"ok": error is None and self.ledger_ok, "outages": self.ledger_outages}
+        return {"flows": flows, "ledger": {**ledger, **({"error": error} if error else {})}}
 
     async def runs(
         self,

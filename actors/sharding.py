@@ -80,7 +80,15 @@ class CoordinatorShards:
         parts = await self._all("status")
         flows = [f for part in parts for f in part["flows"]]
         flows.sort(key=lambda f: (f["tenant"], f["flow"]))
-        return {"flows": flows, "shards": len(self.shards)}
+        ledgers = [part.get("ledger", {"ok": True}) for part in parts]
+        ledger: dict[str, Any] = {
+            "ok": all(lg["ok"] for lg in ledgers),
+            "outages": sum(lg.get("outages", 0) for lg in ledgers),
+        }
+        errors = [f"shard {i}: {lg['error']}" for i, lg in enumerate(ledgers) if "error" in lg]
+        if errors:
+            ledger["error"] = "; ".join(errors)
+        return {"flows": flows, "shards": len(self.shards), "ledger": ledger}
 
     async def runs(
         self,

@@ -218,6 +218,11 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             "-" if age is None else f"{age:.1f}s ago",
         )
     out.print(table)
+    ledger = doc.get("ledger") or {"ok": True}
+    if "error" in ledger:
+        out.print(f"[bold red]ledger unreachable[/]: {ledger['error']} (counts as last read)")
+    elif not ledger["ok"]:
+        out.print("[bold red]ledger outage[/]: no run starts until the ledger answers again")
 
 
 @app.command()

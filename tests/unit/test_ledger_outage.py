@@ -20,7 +20,7 @@ from actors.ledger import SQLiteLedger
 from actors.worker import FlowTarget, FlowWorker
 
 # The ledger calls of the dispatch path (claims keep working: the source side retries its own).
-DISPATCH_CALLS = ("start_many", "start_batch", "finish", "pending", "open_runs")
+DISPATCH_CALLS = ("start_many", "start_batch", "finish", "pending", "open_runs", "counts")
 
 
 class LedgerDown(ConnectionError):
@@ -172,3 +172,20 @@ async def test_a_backlog_whose_paging_failed_is_paged_again(tmp_path: Path) -> N
         ledger.down = False
         await wait_for(all_in_state(coord, 20, "completed"))
     assert dict(CALLS) == {f"e{i}": [1] for i in range(20)}
+
+
+async def test_status_in_an_outage_shows_the_last_counts_read_and_why(tmp_path: Path) -> None:
+    ledger = FlakyLedger(tmp_path / "ledger.db")
+    async with running(coordinator(ledger, flows_unit.record_flow)) as coord:
+        await coord.submit([make_event("e1")])
+        await wait_for(all_in_state(coord, 1, "completed"))
+        before = await coord.status()
+        ledger.down = True
+        during = await coord.status()
+        ledger.down = False
+        after = await coord.status()
+    assert before["ledger"] == {"ok": True, "outages": 0}
+    assert during["flows"] == before["flows"]
+    assert during["ledger"]["ok"] is False
+    assert during["ledger"]["error"] == "LedgerDown: counts: connection refused"
+    assert after["ledger"] == {"ok": True, "outages": 0}  # a failed read is not an outage

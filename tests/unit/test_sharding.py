@@ -80,6 +80,7 @@ async def test_sharded_submit_claims_each_event_once_in_its_own_shard(tmp_path: 
         assert len(status["flows"]) == len(FLOWS)
         assert sum(f["events"]["accepted"] for f in status["flows"]) == len(events)
         assert sum(f["events"]["duplicate"] for f in status["flows"]) == len(events)
+        assert status["ledger"] == {"ok": True, "outages": 0}
         await router.pause("beta", "f2")
         paused = [f for f in (await router.status())["flows"] if f["paused"]]
         assert [(f["tenant"], f["flow"]) for f in paused] == [("beta", "f2")]
@@ -144,3 +145,23 @@ def test_shard_ledger_files_and_layout_check(tmp_path: Path) -> None:
     (tmp_path / "ledger.db").write_bytes(b"")
     with pytest.raises(LedgerError, match="coordinator_shards=1"):
         check_shard_layout(url, tmp_path, 3)
+
+
+class _Shard:
+    def __init__(self, ledger: dict[str, object]) -> None:
+        self.ledger = ledger
+
+    async def status(self) -> dict[str, object]:
+        return {"flows": [], "ledger": self.ledger}
+
+
+async def test_status_of_shards_names_each_shard_whose_ledger_cannot_be_read() -> None:
+    router = CoordinatorShards(
+        [
+            _Shard({"ok": True, "outages": 1}),
+            _Shard({"ok": False, "outages": 2, "error": "LedgerError: refused"}),
+            _Shard({"ok": False, "outages": 1}),
+        ]
+    )
+    status = await router.status()
+    assert status["ledger"] == {"ok": False, "outages": 4, "error": "shard 1: LedgerError: refused"}
