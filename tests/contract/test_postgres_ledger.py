@@ -1,6 +1,7 @@
 """The PostgreSQL ledger's own behaviour beyond the contract: a schema per state dir (or per
-``?namespace=``), coordinator shards in their own schemas, the shard-layout check, clear
-connection errors without passwords, reconnecting, closing, and commit durability."""
+``?namespace=``), coordinator shards in their own schemas, clear connection errors,
+reconnecting, closing, and commit durability. (The shard-layout check and unreachable servers:
+``test_server_ledger_shards.py``, for both server ledgers.)"""
 
 from __future__ import annotations
 
@@ -13,9 +14,7 @@ import pytest
 
 from actors.errors import LedgerError
 from actors.ledger import (
-    check_shard_layout,
     open_ledger,
-    open_written_shards,
     shard_ledger_url,
 )
 from actors.ledger.postgres import PostgresLedger
@@ -80,47 +79,7 @@ def test_each_shard_gets_its_own_schema(tmp_path: Path) -> None:
     assert "shard" not in parse(shard_ledger_url(url, 1, 3), tmp_path).dsn
 
 
-# -- shards --------------------------------------------------------------------------------
-async def test_a_changed_shard_count_is_refused(namespace: str, tmp_path: Path) -> None:
-    url = f"{PG_URL}?namespace={namespace}"
-    check_shard_layout(url, tmp_path, 2)  # nothing written yet: any layout is fine
-    for i in range(2):
-        shard = open_ledger(shard_ledger_url(url, i, 2), tmp_path)
-        await shard.claim([make_event(f"s{i}")])
-        await shard.close()
-    check_shard_layout(url, tmp_path, 2)
-    with pytest.raises(LedgerError, match=r"coordinator_shards=2.*asks for 1"):
-        check_shard_layout(url, tmp_path, 1)
-    check_shard_layout(f"{PG_URL}?namespace={namespace}x", tmp_path, 1)  # another namespace
-
-
-async def test_reads_while_down_find_every_written_shard(namespace: str, tmp_path: Path) -> None:
-    url = f"{PG_URL}?namespace={namespace}"
-    assert await open_written_shards(url, tmp_path, 3) == []
-    for i in (0, 2):
-        shard = open_ledger(shard_ledger_url(url, i, 3), tmp_path)
-        await shard.claim([make_event(f"s{i}")])
-        await shard.close()
-    found = await open_written_shards(url, tmp_path, 3)
-    try:
-        assert [[r.event.id for r in await led.runs()] for led in found] == [["s0"], ["s2"]]
-    finally:
-        for led in found:
-            await led.close()
-
-
 # -- connections ---------------------------------------------------------------------------
-async def test_an_unreachable_server_is_named_without_its_password(tmp_path: Path) -> None:
-    led = open_ledger(DEAD_URL, tmp_path)
-    with pytest.raises(LedgerError, match=r"postgres:\*\*\*@127\.0\.0\.1:1/test") as err:
-        await led.claim([make_event("e1")])
-    assert "s3cret" not in str(err.value)
-    with pytest.raises(LedgerError, match=r"cannot connect.*127\.0\.0\.1:1") as err:
-        check_shard_layout(DEAD_URL, tmp_path, 1)  # what `up` runs before any actor starts
-    assert "s3cret" not in str(err.value)
-    await led.close()
-
-
 def test_passwords_are_masked_in_urls() -> None:
     assert (
         mask_url("postgresql://u:pw@h:5/db?password=x") == "postgresql://u:***@h:5/db?password=***"

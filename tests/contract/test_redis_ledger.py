@@ -1,7 +1,8 @@
 """The Redis ledger's own behaviour beyond the contract: a key prefix per state dir (or per
-``?namespace=``), coordinator shards under their own prefixes, the shard-layout check, clear
-connection errors without passwords, resending a write once after a lost connection without
-running it twice, closing, and the warning about a server that keeps nothing on disk."""
+``?namespace=``), coordinator shards under their own prefixes, resending a write once after a
+lost connection without running it twice, closing, and the warning about a server that keeps
+nothing on disk. (The shard-layout check and unreachable servers:
+``test_server_ledger_shards.py``, for both server ledgers.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from actors.errors import LedgerError
-from actors.ledger import check_shard_layout, open_ledger, open_written_shards, shard_ledger_url
+from actors.ledger import open_ledger, shard_ledger_url
 from actors.ledger.redis import RedisLedger, flow_key, split_flow_key
 from actors.ledger.redis_target import parse
 from actors.ledger.target import default_namespace
@@ -71,37 +72,7 @@ async def test_odd_names_and_ids_round_trip(namespace: str, tmp_path: Path) -> N
     await led.close()
 
 
-# -- shards --------------------------------------------------------------------------------
-async def test_a_changed_shard_count_is_refused(namespace: str, tmp_path: Path) -> None:
-    url = f"{REDIS_URL}?namespace={namespace}"
-    check_shard_layout(url, tmp_path, 2)  # nothing written yet: any layout is fine
-    for i in range(2):
-        shard = open_ledger(shard_ledger_url(url, i, 2), tmp_path)
-        await shard.claim([make_event(f"s{i}")])
-        await shard.close()
-    check_shard_layout(url, tmp_path, 2)
-    with pytest.raises(LedgerError, match=r"coordinator_shards=2.*asks for 1"):
-        check_shard_layout(url, tmp_path, 1)
-    found = await open_written_shards(url, tmp_path, 2)
-    try:
-        assert [[r.event.id for r in await led.runs()] for led in found] == [["s0"], ["s1"]]
-    finally:
-        for led in found:
-            await led.close()
-
-
 # -- connections ---------------------------------------------------------------------------
-async def test_an_unreachable_server_is_named_without_its_password(tmp_path: Path) -> None:
-    led = open_ledger(DEAD_URL, tmp_path)
-    with pytest.raises(LedgerError, match=r"redis://:\*\*\*@127\.0\.0\.1:1/0") as err:
-        await led.claim([make_event("e1")])
-    assert "s3cret" not in str(err.value)
-    with pytest.raises(LedgerError, match=r"cannot connect.*127\.0\.0\.1:1") as err:
-        check_shard_layout(DEAD_URL, tmp_path, 1)  # what `up` runs before any actor starts
-    assert "s3cret" not in str(err.value)
-    await led.close()
-
-
 def test_without_redis_py_the_error_names_the_extra(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
