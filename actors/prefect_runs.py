@@ -135,6 +135,11 @@ def _remembered_storage(url: str) -> tuple[bool, Any]:
     return False, None
 
 
+def _remember_storage(url: str, config: Any) -> Any:
+    _STORAGE_IDS[url] = (time.monotonic(), config.default_result_storage_block_id)
+    return config.default_result_storage_block_id
+
+
 def _read_storage_id_sync() -> Any:
     """Prefect's ``_read_server_default_result_storage_block_id``, remembered a while."""
     from prefect.client.orchestration import get_client
@@ -147,8 +152,7 @@ def _read_storage_id_sync() -> Any:
         config = get_client(sync_client=True).read_server_default_result_storage()
     except _STORAGE_READ_ERRORS:
         return None  # as Prefect: local storage for this run; the next run asks again
-    _STORAGE_IDS[url] = (time.monotonic(), config.default_result_storage_block_id)
-    return config.default_result_storage_block_id
+    return _remember_storage(url, config)
 
 
 async def _read_storage_id_async() -> Any:
@@ -163,8 +167,7 @@ async def _read_storage_id_async() -> Any:
         config = await get_client().read_server_default_result_storage()
     except _STORAGE_READ_ERRORS:
         return None
-    _STORAGE_IDS[url] = (time.monotonic(), config.default_result_storage_block_id)
-    return config.default_result_storage_block_id
+    return _remember_storage(url, config)
 
 
 @functools.cache
