@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+from actors.claims import FlowBatch
 from actors.event import Event
 
 log = logging.getLogger(__name__)
@@ -43,19 +44,21 @@ class FlowQueues:
             self._ready[fkey] = None
         queue.append(ev)
 
-    def _enqueue_many(self: Any, fkey: FlowKey, events: list[Event]) -> None:
-        """``_enqueue`` for new events of one flow, in order: those that fit in the window
-        join the queue, the rest stay in the ledger (one spill for all of them)."""
+    def _enqueue_new(self: Any, batch: FlowBatch, positions: list[int]) -> None:
+        """``_enqueue`` for the new events of one run (at ``positions`` of ``batch``), in
+        order: those that fit in the window are decoded and join the queue, the rest stay
+        in the ledger, never decoded here (one spill for all of them)."""
+        fkey = batch.key
         queue = self._queues[fkey]
-        self._backlog[fkey[0]] = self._backlog.get(fkey[0], 0) + len(events)
+        self._backlog[fkey[0]] = self._backlog.get(fkey[0], 0) + len(positions)
         room = 0 if fkey in self._spilled else max(0, self.queue_window - len(queue))
-        if room and events:
+        if room and positions:
             if not queue:
                 self._queued_at[fkey] = time.monotonic()
                 self._ready[fkey] = None
-            queue.extend(events[:room])
-        if len(events) > room:
-            self._spill(fkey, len(events) - room)
+            queue.extend(batch.events(positions[:room]))
+        if len(positions) > room:
+            self._spill(fkey, len(positions) - room)
 
     def _take(self: Any, fkey: FlowKey) -> Event:
         """The next queued event of ``fkey`` (the caller checked the queue is not empty)."""

@@ -3,10 +3,11 @@
 Each clock runs in its own task: ``open`` → ``async for batch`` → push → ``ack``. Pushes from
 all clocks meet in one outbox; a single pusher drains whatever is waiting (up to ``max_batch``
 events) into one coordinator call, so low load costs one hop per event and high load one hop
-per thousand. A clock acks its source only after the coordinator confirmed the batch durable;
-until then the batch stays in the outbox and is resent (same ids) when the coordinator is
-unavailable. A clock that crashes is restarted with backoff; one that keeps crashing is marked
-``failed`` with its last error and retried slowly, never in a hot loop.
+per thousand; ``max_inflight`` calls may await the coordinator at once. A clock acks its
+source only after the coordinator confirmed the batch durable; until then the batch stays in
+the outbox and is resent (same ids) when the coordinator is unavailable. A clock that crashes
+is restarted with backoff; one that keeps crashing is marked ``failed`` with its last error
+and retried slowly, never in a hot loop.
 
 Once its clocks have started, a host moves them out of the cyclic garbage collector's reach
 (``gc.freeze``; ``freeze_gc``). They live as long as the host, and a full collection would
@@ -98,10 +99,12 @@ class ListenerHost:
     state_dir: Path
     coordinator: CoordinatorHandle
     max_batch: int = 1000
+    max_inflight: int = 2  # pushes awaiting the coordinator at once (one encodes, one claims)
     freeze_gc: bool = True
     _slots: dict[str, ClockSlot] = field(default_factory=dict, init=False)
     _outbox: asyncio.Queue[_Push] | None = field(default=None, init=False)
     _pusher: asyncio.Task[None] | None = field(default=None, init=False)
+    _sending: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _started: bool = field(default=False, init=False)
     _freezer: asyncio.Task[None] | None = field(default=None, init=False)
 
@@ -161,7 +164,7 @@ class ListenerHost:
             _, stuck = await asyncio.wait(tasks, timeout=timeout)
             for task in stuck:
                 log.error("clock %s did not stop within %.0fs", task.get_name(), timeout)
-        for helper in (self._pusher, self._freezer):
+        for helper in (self._pusher, self._freezer, *self._sending):
             if helper is not None:
                 helper.cancel()
                 await asyncio.gather(helper, return_exceptions=True)
@@ -261,15 +264,23 @@ class ListenerHost:
 
     # -- the outbox ---------------------------------------------------------------------
     async def _push_loop(self) -> None:
+        """Drain the outbox into coordinator calls, ``max_inflight`` at a time: while one
+        batch is claimed, the next is gathered and encoded. Each clock awaits its own push,
+        so a clock's events stay in order whatever runs beside them."""
         assert self._outbox is not None
+        slots = asyncio.Semaphore(max(1, self.max_inflight))
         while True:
             items = [await self._outbox.get()]
+            await slots.acquire()  # waiting here lets the next batch fill up meanwhile
             size = len(items[0].events)
             while size < self.max_batch and not self._outbox.empty():
                 item = self._outbox.get_nowait()
                 items.append(item)
                 size += len(item.events)
-            await self._send(items)
+            task = asyncio.create_task(self._send(items))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+            task.add_done_callback(lambda _: slots.release())
 
     async def _send(self, items: list[_Push]) -> None:
         events = [e for item in items for e in item.events]

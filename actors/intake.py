@@ -1,8 +1,9 @@
 """Intake: admission (quota, backpressure) and the durable claim of incoming events.
 
-A host's batch arrives msgpack'd (``submit_packed``); each event's own bytes are sliced from
-it as it is decoded and stored in the ledger as they are, so an event is encoded once, by the
-host that read it. Outcomes per event: ``accepted``, ``duplicate``, ``throttled``/``busy``
+A host's batch arrives msgpack'd (``submit_packed``) as runs of one flow each
+(:mod:`actors.claims`): event ids, and each event's own bytes, which the ledger stores as they
+are, so an event is encoded once, by the host that read it, and decoded here only if it joins
+a flow's in-memory queue. Outcomes per event: ``accepted``, ``duplicate``, ``throttled``/``busy``
 (not stored: the host retries later) or ``rejected:<reason>``; every stored outcome is
 answered only after the ledger transaction committed.
 """
@@ -10,11 +11,11 @@ answered only after the ledger transaction committed.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Container
 from typing import Any
 
-from actors.event import Event, unpack_events_wire
+from actors.claims import FlowBatch, batches_of, in_input_order, unpack_batches
+from actors.event import Event
 from actors.handles import SourceRejection
 from actors.ledger import RejectionRecord
 from actors.policy import TenantPolicy
@@ -28,27 +29,25 @@ class Intake:
     ``_buckets``, ``_backlog``, ledger, queues and dispatcher it uses)."""
 
     async def submit_packed(self: Any, data: bytes, rejections: list[SourceRejection]) -> list[str]:
-        events, wire = unpack_events_wire(data)
-        return await self._admit(events, rejections, wire)
+        """A host's batch as it crossed the wire (:func:`actors.claims.pack_batches`)."""
+        return await self._admit(unpack_batches(data), rejections)
 
     async def submit(
         self: Any, events: list[Event], rejections: list[SourceRejection] | None = None
     ) -> list[str]:
-        return await self._admit(events, rejections, None)
+        batches, order = batches_of(events)
+        return in_input_order(await self._admit(batches, rejections), order)
 
     async def _admit(
-        self: Any,
-        events: list[Event],
-        rejections: list[SourceRejection] | None,
-        wire: list[bytearray] | None,
+        self: Any, batches: list[FlowBatch], rejections: list[SourceRejection] | None
     ) -> list[str]:
+        """Claim what quotas and backlog allow; one outcome per event, in batch order."""
         await self.start()
-        keys = [(ev.tenant, ev.flow) for ev in events]
         wanted: dict[str, int] = {}
         known = True
-        for key, n in Counter(keys).items():
-            if key in self.flows:
-                wanted[key[0]] = wanted.get(key[0], 0) + n
+        for b in batches:
+            if b.key in self.flows:
+                wanted[b.tenant] = wanted.get(b.tenant, 0) + len(b.ids)
             else:
                 known = False
         # Workers saturated: a tenant whose backlog is full is told ``busy`` (the host keeps
@@ -60,25 +59,18 @@ class Intake:
         if rejections:
             await self.ledger.reject([_rejection_record(r) for r in rejections])
         if known and granted == wanted:  # the usual case: the whole batch, as it came
-            outcomes: list[str] = [""] * len(events)
-            to_claim: list[int] | range = range(len(events))
-            new = await self.ledger.claim(events, wire)
+            claimed, tails = batches, [[] for _ in batches]
         else:
-            outcomes, to_claim = _ration(events, keys, self.flows, room, granted)
-            packed = None if wire is None else [wire[i] for i in to_claim]
-            new = await self.ledger.claim([events[i] for i in to_claim], packed)
-        accepted: dict[FlowKey, list[Event]] = {}
-        for i, is_new in zip(to_claim, new, strict=True):
-            if is_new:
-                outcomes[i] = "accepted"
-                group = accepted.get(keys[i])
-                if group is None:
-                    group = accepted[keys[i]] = []
-                group.append(events[i])
-            else:
-                outcomes[i] = "duplicate"
-        for fkey, group in accepted.items():
-            self._enqueue_many(fkey, group)
+            claimed, tails = _ration(batches, self.flows, room, granted)
+        news = await self.ledger.claim_batches([b for b in claimed if b.ids])
+        outcomes: list[str] = []
+        it = iter(news)
+        for b, tail in zip(claimed, tails, strict=True):
+            new = next(it) if b.ids else []
+            outcomes += ["accepted" if x else "duplicate" for x in new]
+            outcomes += tail
+            if True in new:
+                self._enqueue_new(b, [i for i, x in enumerate(new) if x])
         self._pump()
         return outcomes
 
@@ -94,28 +86,30 @@ class Intake:
 
 
 def _ration(
-    events: list[Event],
-    keys: list[FlowKey],
+    batches: list[FlowBatch],
     flows: Container[FlowKey],
     room: dict[str, int],
     granted: dict[str, int],
-) -> tuple[list[str], list[int]]:
-    """Outcomes of the events that will not be claimed (unknown flow, over the tenant's
-    rate or backlog), and the positions of those that will, in order."""
-    outcomes = [""] * len(events)
-    to_claim: list[int] = []
+) -> tuple[list[FlowBatch], list[list[str]]]:
+    """Per batch: the events that will be claimed (a prefix: a tenant's first ``granted``
+    events, in order) and the outcomes of the rest (unknown flow, over the tenant's rate
+    or backlog)."""
+    claimed: list[FlowBatch] = []
+    tails: list[list[str]] = []
     seen: dict[str, int] = {}
-    for i, key in enumerate(keys):
-        if key not in flows:
-            outcomes[i] = "rejected:unknown_flow"
+    for b in batches:
+        n = len(b.ids)
+        if b.key not in flows:
+            claimed.append(b.take(0))
+            tails.append(["rejected:unknown_flow"] * n)
             continue
-        tenant = key[0]
-        k = seen[tenant] = seen.get(tenant, 0) + 1
-        if k <= granted[tenant]:
-            to_claim.append(i)
-        else:
-            outcomes[i] = "throttled" if k <= room[tenant] else "busy"
-    return outcomes, to_claim
+        before = seen.get(b.tenant, 0)
+        seen[b.tenant] = before + n
+        take = max(0, min(n, granted[b.tenant] - before))
+        throttled = max(0, min(n, room[b.tenant] - before) - take)
+        claimed.append(b.take(take))
+        tails.append(["throttled"] * throttled + ["busy"] * (n - take - throttled))
+    return claimed, tails
 
 
 def _rejection_record(r: SourceRejection) -> RejectionRecord:

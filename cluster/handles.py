@@ -16,8 +16,9 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
+from actors.claims import batches_of, in_input_order, pack_batches
 from actors.errors import Unavailable
-from actors.event import Event, pack_events
+from actors.event import Event
 from actors.handles import RunOutcome, SourceRejection
 from actors.wire import WireCallError, WireClient, WireDown, node_identity
 
@@ -182,7 +183,9 @@ class RayCoordinatorHandle(RayHandle):
     async def submit(
         self, events: list[Event], rejections: list[SourceRejection] | None = None
     ) -> list[str]:
-        return await self.call("submit_packed", pack_events(events), rejections or [])
+        batches, order = batches_of(events)
+        outcomes = await self.call("submit_packed", pack_batches(batches), rejections or [])
+        return in_input_order(outcomes, order)
 
 
 class RayWorkerHandle(RayHandle):

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from actors.claims import FlowBatch
 from actors.event import Event
 
 
@@ -111,6 +112,10 @@ class Ledger(Protocol):
         ``packed[i]``, when given, is ``events[i]`` as msgpack'd on the wire (``to_wire``),
         which a backend may store instead of encoding the event again."""
 
+    async def claim_batches(self, batches: list[FlowBatch]) -> list[list[bool]]:
+        """``claim`` for runs of one flow each, as a host's batch arrives (ids and msgpack'd
+        events, not decoded): per batch, True where the event was new. One transaction."""
+
     async def reject(self, records: list[RejectionRecord]) -> None: ...
 
     async def start(
@@ -186,3 +191,22 @@ class GroupedStarts:
     ) -> list[tuple[int, int] | None]:
         """``start`` for every member of a batch, in one transaction."""
         return await self._start([(key, worker) for key in keys], batch)
+
+
+class ClaimsOfEvents:
+    """``claim_batches`` for a backend that claims decoded events (``claim``)."""
+
+    async def claim(
+        self, events: list[Event], packed: Sequence[bytes | bytearray] | None = None
+    ) -> list[bool]:
+        raise NotImplementedError
+
+    async def claim_batches(self, batches: list[FlowBatch]) -> list[list[bool]]:
+        events = [e for b in batches for e in b.events()]
+        flat = await self.claim(events, [blob for b in batches for blob in b.blobs()])
+        out: list[list[bool]] = []
+        start = 0
+        for b in batches:
+            out.append(flat[start : start + len(b)])
+            start += len(b)
+        return out

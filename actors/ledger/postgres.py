@@ -30,6 +30,7 @@ from actors.event import Event
 from actors.ledger import postgres_sql as sql
 from actors.ledger.base import (
     EVENT_COUNTERS,
+    ClaimsOfEvents,
     Finish,
     FlowCounts,
     GroupedStarts,
@@ -81,7 +82,7 @@ def _columns(keys: list[Key]) -> tuple[list[str], list[str], list[str]]:
     return [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
 
 
-class PostgresLedger(GroupedStarts):
+class PostgresLedger(ClaimsOfEvents, GroupedStarts):
     def __init__(self, url: str, state_dir: Path | str) -> None:
         self.target: Target = parse(url, state_dir)
         self.schema = self.target.name

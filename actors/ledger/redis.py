@@ -35,6 +35,7 @@ from actors.event import Event
 from actors.ledger import redis_lua
 from actors.ledger.base import (
     EVENT_COUNTERS,
+    ClaimsOfEvents,
     Finish,
     FlowCounts,
     GroupedStarts,
@@ -117,7 +118,7 @@ def _key_args(key: Key) -> list[bytes]:
     return [flow_key(key[0], key[1]), key[2].encode()]
 
 
-class RedisLedger(GroupedStarts):
+class RedisLedger(ClaimsOfEvents, GroupedStarts):
     def __init__(self, url: str, state_dir: Path | str) -> None:
         self.target: Target = parse(url, state_dir)
         self.prefix = prefix(self.target.name)

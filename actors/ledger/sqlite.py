@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgpack
 
+from actors.claims import FlowBatch, batches_of, in_input_order
 from actors.event import Event
 from actors.ledger.base import (
     EVENT_COUNTERS,
@@ -36,14 +37,6 @@ BUMP = (
     "INSERT INTO counters VALUES (?, ?, ?, ?) ON CONFLICT (tenant, flow, name) "
     "DO UPDATE SET value = value + excluded.value"
 )
-
-
-def _blob(event: Event, packed: bytes | bytearray | None) -> bytearray:
-    """The stored form of an event: its wire msgpack. A ``bytearray``, which sqlite3 binds
-    directly (``bytes`` first goes through its adapter lookup: ~7% of a claim)."""
-    if packed is None:
-        return bytearray(msgpack.packb(event.to_wire(), use_bin_type=True))
-    return packed if isinstance(packed, bytearray) else bytearray(packed)
 
 
 @functools.cache
@@ -94,55 +87,80 @@ class SQLiteLedger:
     async def claim(
         self, events: list[Event], packed: Sequence[bytes | bytearray] | None = None
     ) -> list[bool]:
-        """Insert-if-absent, one transaction per batch: which events are new.
-
-        Per flow, ``INSERT ... ON CONFLICT DO NOTHING RETURNING event_id`` names the rows it
-        inserted: one probe of the key per event, no separate lookup (repeats inside the
-        batch are dropped first and count as duplicates). ``packed[i]``, when given, is
-        ``events[i]`` already msgpack'd (as the coordinator received it), stored as is.
-        """
+        """Insert-if-absent, one transaction per batch: which events are new (see
+        :meth:`claim_batches`). ``packed[i]``, when given, is ``events[i]`` already
+        msgpack'd (as the coordinator received it), stored as is."""
         if not events:
             return []
+        batches, order = batches_of(events, packed)
+        news = await self.claim_batches(batches)
+        return in_input_order([x for new in news for x in new], order)
+
+    async def claim_batches(self, batches: list[FlowBatch]) -> list[list[bool]]:
+        """Insert-if-absent, one transaction for all batches: per batch, which events are new.
+
+        Per run of one flow, ``INSERT ... ON CONFLICT DO NOTHING RETURNING event_id`` names
+        the rows it inserted: one probe of the key per event, no separate lookup. A repeat
+        inside the transaction (in the same run or a later one) is a duplicate."""
+        if not batches:
+            return []
         now = time.time()
-        new = [False] * len(events)
-        firsts: dict[tuple[str, str], dict[str, int]] = {}  # flow → event id → first position
-        seen: dict[tuple[str, str], int] = {}
-        for i, e in enumerate(events):
-            key = (e.tenant, e.flow)
-            first = firsts.get(key)
-            if first is None:
-                first = firsts[key] = {}
-                seen[key] = 0
-            seen[key] += 1
-            first.setdefault(e.id, i)
+        out: list[list[bool]] = []
+        counts: dict[tuple[str, str], list[int]] = {}  # flow → [seen, accepted]
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            bumps: list[tuple[str, str, str, int]] = []
-            for key, first in firsts.items():
-                blobs = [
-                    _blob(events[i], packed[i] if packed is not None else None)
-                    for i in first.values()
-                ]
-                inserted = self._insert_new(key, list(first), blobs, now)
-                for event_id in inserted:
-                    new[first[event_id]] = True
-                bumps += [
-                    (*key, "seen", seen[key]),
-                    (*key, "accepted", len(inserted)),
-                    (*key, "duplicate", seen[key] - len(inserted)),
-                ]
-            db.executemany(BUMP, [b for b in bumps if b[3]])
+            for b in batches:
+                new = self._claim_run(b, now)
+                out.append(new)
+                c = counts.get(b.key)
+                if c is None:
+                    c = counts[b.key] = [0, 0]
+                c[0] += len(new)
+                c[1] += new.count(True)
+            bumps = [
+                (*key, name, n)
+                for key, (seen, accepted) in counts.items()
+                for name, n in (
+                    ("seen", seen),
+                    ("accepted", accepted),
+                    ("duplicate", seen - accepted),
+                )
+                if n
+            ]
+            db.executemany(BUMP, bumps)
             db.executemany(
                 "INSERT INTO flows (tenant, flow, last_event_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (tenant, flow) DO UPDATE SET "
                 "last_event_at = excluded.last_event_at",
-                [(*key, now) for key in firsts],
+                [(*key, now) for key in counts],
             )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        return out
+
+    def _claim_run(self, b: FlowBatch, now: float) -> list[bool]:
+        ids, n = b.ids, len(b.ids)
+        if not n:
+            return []
+        blobs = b.blobs()
+        if len(set(ids)) == n:  # the usual case: no repeats inside the run
+            inserted = self._insert_new(b.key, ids, blobs, now)
+            if len(inserted) == n:
+                return [True] * n
+            if not inserted:
+                return [False] * n
+            fresh = set(inserted)
+            return [i in fresh for i in ids]
+        first: dict[str, int] = {}
+        for i, event_id in enumerate(ids):
+            first.setdefault(event_id, i)
+        new = [False] * n
+        offered = list(first.values())
+        for event_id in self._insert_new(b.key, list(first), [blobs[i] for i in offered], now):
+            new[first[event_id]] = True
         return new
 
     def _insert_new(

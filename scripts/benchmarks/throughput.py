@@ -41,6 +41,7 @@ from actors.clocks import Batch, ClockSpec, EventClock, RawEvent
 from actors.event import Event
 from actors.ledger import SQLiteLedger
 from actors.sharding import CoordinatorShards
+from benchmarks.procs import cpu_by_kind, cpu_seconds, machine_busy_s
 from cluster.config import load_config
 from cluster.handles import RayCoordinatorHandle
 from cluster.runtime import LocalCluster
@@ -303,7 +304,7 @@ def one_shard_count(args: argparse.Namespace, shards: int) -> dict[str, Any]:
             if args.profile:
                 pids = {h.name: ray.get(h.actor.ping.remote())["pid"] for h in d.coordinators}
                 profiler = Profiler(pids, root)
-            t0 = time.perf_counter()
+            cpu0, busy0, t0 = cpu_seconds(), machine_busy_s(), time.perf_counter()
             results = ray.get(
                 [
                     p.run.remote(sent_per_flow * len(g))
@@ -311,6 +312,8 @@ def one_shard_count(args: argparse.Namespace, shards: int) -> dict[str, Any]:
                 ]
             )
             wall = time.perf_counter() - t0
+            cpu = cpu_by_kind(cpu0, cpu_seconds(), wall)
+            busy = 100 * (machine_busy_s() - busy0) / wall
             profile = profiler.stop() if profiler else None
             for p in producers:
                 ray.kill(p)
@@ -337,6 +340,9 @@ def one_shard_count(args: argparse.Namespace, shards: int) -> dict[str, Any]:
         "ingest_events_per_s": round(seen / wall),
         "new_events_per_s": round(accepted / wall),
         "dispatched_runs_per_s": round((after - before) / (t2 - t1), 1),
+        # During ingest, in percent of one core: the machine's, and per kind of process.
+        "ingest_machine_busy_percent": round(busy, 1),
+        "ingest_cpu_percent_by_process": cpu,
         **({"profile": profile} if profile else {}),
     }
 

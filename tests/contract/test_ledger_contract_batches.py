@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
+from actors.claims import batches_of, flow_batch
 from actors.ledger import Finish, Ledger, RejectionRecord
 from tests.contract.ledgers import KEY, Store, dead, fail, ledger, make_event, state_of, stores
 
@@ -118,3 +119,33 @@ async def test_a_large_batch_is_claimed_in_one_call(ledger: Ledger) -> None:
     events = [make_event(f"e{i}") for i in range(2500)]
     assert await ledger.claim(events + events[:10]) == [True] * 2500 + [False] * 10
     assert (await ledger.counts())[("acme", "ingest")].runs["pending"] == 2500
+
+
+async def test_claim_batches_answers_per_run_and_stores_the_bytes_it_was_given(
+    ledger: Ledger,
+) -> None:
+    await ledger.claim([make_event("old")])
+    a = make_event("a", payload={"deep": [1, {"x": None}]})
+    runs = [
+        flow_batch("acme", "ingest", [a, make_event("old"), make_event("a")]),  # a repeat
+        flow_batch("acme", "other", [make_event("x", flow="other")]),
+        # A second batch of the first flow, in the same transaction.
+        flow_batch("acme", "ingest", [make_event("b"), make_event("a")]),
+    ]
+    assert await ledger.claim_batches(runs) == [[True, False, False], [True], [True, False]]
+    assert await ledger.claim_batches(runs) == [[False, False, False], [False], [False, False]]
+    assert await ledger.claim_batches([]) == []
+    stored = {r.event.id: r.event for r in await ledger.runs(flow="ingest")}
+    assert stored["a"] == a
+    assert [e.id for e in await ledger.pending("acme", "ingest", 10)] == ["old", "a", "b"]
+    counts = (await ledger.counts())[("acme", "ingest")].events
+    assert counts == {"seen": 11, "accepted": 3, "duplicate": 8, "rejected": 0}
+
+
+async def test_claim_batches_of_a_big_run_inserts_each_new_event_once(ledger: Ledger) -> None:
+    first, _ = batches_of([make_event(f"e{i:04d}") for i in range(0, 1500)])
+    assert await ledger.claim_batches(first) == [[True] * 1500]
+    # Half known, half new, interleaved: the answer follows the input order.
+    mixed, _ = batches_of([make_event(f"e{i:04d}") for i in range(750, 2250)])
+    assert await ledger.claim_batches(mixed) == [[False] * 750 + [True] * 750]
+    assert (await ledger.counts())[("acme", "ingest")].runs["pending"] == 2250

@@ -21,9 +21,9 @@ from helpers import (
     wait_for,
 )
 
+from actors.claims import batches_of, in_input_order, pack_batches
 from actors.clocks import Rejection
 from actors.coordinator import FlowPolicy, TenantPolicy
-from actors.event import pack_events
 from actors.handles import SourceRejection
 from actors.ledger import SQLiteLedger
 from actors.worker import FlowTarget, FlowWorker
@@ -412,6 +412,12 @@ def test_a_coordinator_needs_a_worker(tmp_path: Path) -> None:
 
 
 # -- packed intake (what a host sends through Ray) -----------------------------------------
+async def submit_packed(coord: Any, events: list[Any]) -> list[str]:
+    """What a host's handle does: runs of one flow over the wire, answers in input order."""
+    batches, order = batches_of(events)
+    return in_input_order(await coord.submit_packed(pack_batches(batches), []), order)
+
+
 async def test_a_packed_batch_gets_the_outcomes_and_rows_of_the_same_events_unpacked(
     tmp_path: Path,
 ) -> None:
@@ -428,10 +434,7 @@ async def test_a_packed_batch_gets_the_outcomes_and_rows_of_the_same_events_unpa
         )
         async with running(coord):
             answers.append(
-                [
-                    await (coord.submit_packed(pack_events(b), []) if packed else coord.submit(b))
-                    for b in batches
-                ]
+                [await (submit_packed(coord, b) if packed else coord.submit(b)) for b in batches]
             )
             await wait_for(all_in_state(coord, 5, "completed"))
             stored.append(sorted((r.key, r.event) for r in await coord.ledger.runs()))
