@@ -66,10 +66,12 @@ def cursor_files(state_dir: Path, name: str = "inbox") -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def hosting(
-    specs: list[ClockSpec], state_dir: Path, coordinator: CoordinatorHandle
+    specs: list[ClockSpec], state_dir: Path, coordinator: CoordinatorHandle, **options: Any
 ) -> AsyncIterator[ListenerHost]:
     # No gc.freeze() of the test process (test_gc_is_frozen_once_clocks_started covers it).
-    host = ListenerHost("host-0", list(specs), state_dir, coordinator, freeze_gc=False)
+    host = ListenerHost(
+        "host-0", list(specs), state_dir, coordinator, **{"freeze_gc": False, **options}
+    )
     await host.start()
     try:
         yield host
@@ -389,3 +391,65 @@ async def test_busy_coordinator_holds_the_batch_unacked_and_backs_off(
     assert busy.acked_while_busy == [{}, {}, {}]  # not acked while the backlog is full
     base = host_module.THROTTLE_RETRY
     assert sleeps.sleeps == [base, base * 2, base * 4]
+
+
+# -- pushes in flight ----------------------------------------------------------------------
+class CountingClock(EventClock):
+    """A test-only clock: ``reads`` reads of ``size`` events with ids ``<name>-<n>``, in order."""
+
+    type = "counting"
+    OPTIONS = frozenset({"reads", "size"})
+
+    async def batches(self) -> AsyncIterator[Batch]:
+        self.set_listening()
+        size, n = int(self.spec.options["size"]), 0
+        for _ in range(int(self.spec.options["reads"])):
+            ids = [f"{self.name}-{n + i:04d}" for i in range(size)]
+            yield Batch([RawEvent(i, "test", "2024-01-01T00:00:00+00:00", {}) for i in ids])
+            n += size
+        await asyncio.Event().wait()
+
+
+class SlowCoordinator:
+    """Takes a while to answer each submit; records arrival order and calls at once."""
+
+    def __init__(self, inner: Coordinator) -> None:
+        self.inner = inner
+        self.arrived: list[str] = []
+        self.at_once = 0
+        self.most_at_once = 0
+
+    async def submit(self, events: list[Any], rejections: list[Any] | None = None) -> list[str]:
+        self.arrived += [e.id for e in events]
+        self.at_once += 1
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        await asyncio.sleep(0.005)
+        try:
+            return await self.inner.submit(events, rejections)
+        finally:
+            self.at_once -= 1
+
+
+async def test_two_pushes_in_flight_keep_each_clocks_events_in_order_and_claim_each_once(
+    state_dir: Path, coord: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(CLOCK_TYPES, "counting", CountingClock)
+    specs = [
+        ClockSpec("acme", "ingest", f"c{k}", "counting", {"reads": 8, "size": 30}) for k in range(4)
+    ]
+    slow = SlowCoordinator(coord)
+    async with hosting(specs, state_dir, slow, max_batch=30) as host:  # a read a push
+        assert host.max_inflight == 2
+        await wait_for(lambda: len(slow.arrived) == 4 * 8 * 30, timeout=20)
+        await wait_for(all_in_state(coord, 4 * 8 * 30, "completed"), timeout=20)
+    assert slow.most_at_once == 2
+    for k in range(4):
+        mine = [i for i in slow.arrived if i.startswith(f"c{k}-")]
+        assert mine == [f"c{k}-{n:04d}" for n in range(8 * 30)]
+    assert (await flow_counts(coord))["events"] == {
+        "seen": 960,
+        "accepted": 960,
+        "duplicate": 0,
+        "rejected": 0,
+    }
+    assert sorted(worker_of(coord).ids()) == sorted(slow.arrived)
