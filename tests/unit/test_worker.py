@@ -5,6 +5,7 @@ capped per worker."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from typing import Any
 
@@ -174,3 +175,27 @@ async def test_a_torn_journal_line_is_skipped(tmp_path) -> None:
     assert worker.journal.began_before(("acme", "rec", "e1", 0, 1))
     assert not worker.journal.began_before(("acme", "rec", "e2", 0, 1))
     await worker.stop()
+
+
+async def test_a_freezing_worker_moves_the_heap_out_of_gc_reach_once_per_loaded_flow() -> None:
+    worker = FlowWorker(
+        0,
+        [
+            FlowTarget("acme", "a", flow_obj=flows.sleepy_flow),
+            FlowTarget("acme", "b", flow_obj=flows.sleepy_flow),
+        ],
+        freeze_gc=True,
+    )
+    gc.unfreeze()
+    try:
+        assert (await worker.run(event("a", sleep=0), 1)).ok
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        gc.unfreeze()  # a second run of a loaded flow freezes nothing more
+        assert (await worker.run(event("a", sleep=0), 1)).ok
+        assert gc.get_freeze_count() == 0
+        assert (await worker.run(event("b", sleep=0), 1)).ok  # a newly loaded flow does
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        await worker.stop()
