@@ -18,6 +18,8 @@ from typing import Any
 from actors.event import Event
 from actors.handles import SourceRejection
 
+MAX_REMEMBERED = 100_000  # flows whose shard a router remembers (cleared when full)
+
 
 def shard_of(tenant: str, flow: str, shards: int) -> int:
     """The shard that owns ``tenant/flow``: CRC-32 of the pair, stable across processes and
@@ -42,9 +44,19 @@ class CoordinatorShards:
         if not shards:
             raise ValueError("at least one coordinator shard is needed")
         self.shards = list(shards)
+        self._owners: dict[tuple[str, str], int] = {}  # flow → shard, remembered
+
+    def _owner(self, tenant: str, flow: str) -> int:
+        key = (tenant, flow)
+        owner = self._owners.get(key)
+        if owner is None:
+            if len(self._owners) >= MAX_REMEMBERED:
+                self._owners.clear()
+            owner = self._owners[key] = shard_of(tenant, flow, len(self.shards))
+        return owner
 
     def shard(self, tenant: str, flow: str) -> Any:
-        return self.shards[shard_of(tenant, flow, len(self.shards))]
+        return self.shards[self._owner(tenant, flow)]
 
     # -- intake -------------------------------------------------------------------------
     async def submit(
@@ -57,11 +69,12 @@ class CoordinatorShards:
         if n == 1:
             return await self.shards[0].submit(events, rejections or [])
         positions: list[list[int]] = [[] for _ in range(n)]
+        owner = self._owner
         for i, ev in enumerate(events):
-            positions[shard_of(ev.tenant, ev.flow, n)].append(i)
+            positions[owner(ev.tenant, ev.flow)].append(i)
         rejected: list[list[SourceRejection]] = [[] for _ in range(n)]
         for r in rejections or []:
-            rejected[shard_of(r.tenant, r.flow, n)].append(r)
+            rejected[owner(r.tenant, r.flow)].append(r)
         busy = [s for s in range(n) if positions[s] or rejected[s]]
         answers = await asyncio.gather(
             *(self.shards[s].submit([events[i] for i in positions[s]], rejected[s]) for s in busy)

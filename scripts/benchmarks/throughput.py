@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -74,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the coordinator shards during ingest; top functions go into the JSON",
+        help="py-spy the coordinator shards and producer hosts during ingest; top functions "
+        "go into the JSON",
     )
 
 
@@ -184,6 +186,9 @@ class Producer:
 
     def ready(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        return os.getpid()
 
     async def run(self, expected: int) -> dict[str, float]:
         """Start the clocks; return when ``expected`` events (new + duplicate) were acked."""
@@ -303,6 +308,7 @@ def one_shard_count(args: argparse.Namespace, shards: int) -> dict[str, Any]:
             profiler = None
             if args.profile:
                 pids = {h.name: ray.get(h.actor.ping.remote())["pid"] for h in d.coordinators}
+                pids |= {f"producer-{i}": ray.get(p.pid.remote()) for i, p in enumerate(producers)}
                 profiler = Profiler(pids, root)
             cpu0, busy0, t0 = cpu_seconds(), machine_busy_s(), time.perf_counter()
             results = ray.get(

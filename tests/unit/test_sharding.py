@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import RecordingWorker, make_event, running, wait_for
 
+from actors import sharding
 from actors.coordinator import Coordinator, FlowPolicy, TenantPolicy
 from actors.errors import LedgerError
 from actors.ledger import SQLiteLedger, check_shard_layout, shard_ledger_url, shard_paths
@@ -165,3 +166,14 @@ async def test_status_of_shards_names_each_shard_whose_ledger_cannot_be_read() -
     )
     status = await router.status()
     assert status["ledger"] == {"ok": False, "outages": 4, "error": "shard 1: LedgerError: refused"}
+
+
+def test_the_router_remembers_owners_up_to_a_bound_and_they_match_shard_of(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sharding, "MAX_REMEMBERED", 5)
+    router = CoordinatorShards(["s0", "s1", "s2"])
+    for i in range(12):
+        assert router.shard("acme", f"f{i}") == f"s{shard_of('acme', f'f{i}', 3)}"
+        assert len(router._owners) <= 5
+    assert router.shard("acme", "f11") == f"s{shard_of('acme', 'f11', 3)}"  # remembered
