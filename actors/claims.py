@@ -13,7 +13,8 @@ Wire form of a batch: one msgpack array of ``[tenant, flow, ids, data, ends]``, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, TypeVar
@@ -24,12 +25,21 @@ from actors.errors import EventError
 from actors.event import Event
 
 T = TypeVar("T")
-_pack = msgpack.Packer(use_bin_type=True).pack
+_local = threading.local()
+
+
+def _packer() -> Callable[[Any], bytes]:
+    """This thread's reusable msgpack packer (~1 µs an event cheaper than ``packb``, which
+    builds a packer per call; one packer must not serve two threads at once)."""
+    pack: Callable[[Any], bytes] | None = getattr(_local, "pack", None)
+    if pack is None:
+        pack = _local.pack = msgpack.Packer(use_bin_type=True).pack
+    return pack
 
 
 @dataclass(slots=True)
 class FlowBatch:
-    """Consecutive events of one flow: ids, and each event's msgpack bytes in ``data``."""
+    """Events of one flow: their ids, and each event's msgpack bytes in ``data``."""
 
     tenant: str
     flow: str
@@ -75,7 +85,8 @@ def flow_batch(
     """Encode events of one flow (each event's ``tenant``/``flow`` must be these);
     ``blobs``, when given, are the events already msgpack'd."""
     if blobs is None:
-        blobs = [_pack(e.to_wire()) for e in events]
+        pack = _packer()
+        blobs = [pack(e.to_wire()) for e in events]
     return FlowBatch(
         tenant, flow, [e.id for e in events], b"".join(blobs), [*accumulate(map(len, blobs))]
     )
@@ -119,7 +130,7 @@ def in_input_order(answers: list[T], order: list[int] | None) -> list[T]:
 
 
 def pack_batches(batches: Sequence[FlowBatch]) -> bytes:
-    return _pack([[b.tenant, b.flow, b.ids, b.data, b.ends] for b in batches])
+    return _packer()([[b.tenant, b.flow, b.ids, b.data, b.ends] for b in batches])
 
 
 def unpack_batches(data: bytes) -> list[FlowBatch]:

@@ -28,6 +28,6 @@ def test_throughput_bench_emits_valid_json_with_exact_counts() -> None:
     assert r["accepted"] == r["expected_new"] == 4000
     assert r["duplicate"] == r["events_sent"] - 4000 > 0
     assert r["ingest_events_per_s"] > 0 and r["dispatched_runs_per_s"] >= 0
-    assert {"coordinator-0", "coordinator-1"} == set(r["profile"])
+    assert {"coordinator-0", "coordinator-1", "producer-0", "producer-1"} == set(r["profile"])
     for part in r["profile"].values():
         assert {"samples", "self", "inclusive_ours"} <= part.keys()
