@@ -69,7 +69,12 @@ class ClockSpec:
 
 
 class CursorStore:
-    """A clock's resumable position: one JSON file, replaced atomically (write, fsync, rename)."""
+    """A clock's resumable position: one JSON file, replaced atomically (write, fsync, rename).
+
+    ``save(..., durable=False)`` skips the fsync: the new file still survives a kill of any
+    process (it is in the OS's cache), only an OS crash may bring back the one before. For a
+    clock whose events are all still in the ledger, that costs a re-delivery the ledger
+    answers as duplicates, never a second run."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -87,14 +92,15 @@ class CursorStore:
             # A torn or foreign file: start over; the ledger absorbs the re-delivery.
             return None
 
-    def save(self, value: dict[str, Any]) -> None:
+    def save(self, value: dict[str, Any], durable: bool = True) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cursor-")
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(value, fh, separators=(",", ":"))
-                fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -279,7 +279,10 @@ class TimeClock(EventClock):
         if self._acked is not None and tick <= self._acked:
             return  # an older tick acked late: the cursor is already past it
         self._acked = tick
-        await asyncio.to_thread(self.cursor.save, {"last": iso(tick)})
+        # Inline and without fsync: 10,000 interval clocks ack ~170 ticks a second, and a
+        # thread hop plus an fsync each cost more than the tick itself. A tick's id is its
+        # scheduled time, so a cursor an OS crash took back re-emits ticks the ledger holds.
+        self.cursor.save({"last": iso(tick)}, durable=False)
 
 
 @register

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -159,6 +160,22 @@ async def test_a_restarted_interval_clock_never_re_emits_acked_ticks(tmp_path: P
     async with running(restarted) as batches:
         second = await next_batch(batches)
     assert at(second.events[0].occurred) > at(first.events[0].occurred)
+
+
+async def test_a_tick_is_acked_without_fsync_and_other_cursors_keep_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    clock = interval_clock(tmp_path / "c.json", every=0.2)
+    async with running(clock) as batches:
+        first = await next_batch(batches)
+        await clock.ack(first)
+    assert clock.cursor.load() == {"last": first.events[0].occurred}
+    assert synced == []  # a lost tick cursor only re-emits ids the ledger already holds
+    CursorStore(tmp_path / "files.json").save({"files": {}})
+    assert len(synced) == 1  # sources whose events are not re-derivable still fsync
 
 
 async def test_a_restarted_clock_does_not_catch_up_missed_ticks(tmp_path: Path) -> None:
