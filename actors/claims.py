@@ -154,7 +154,3 @@ def unpack_batches(data: bytes) -> list[FlowBatch]:
                 reason="malformed",
             )
     return batches
-
-
-def total(batches: Sequence[FlowBatch]) -> int:
-    return sum(len(b.ids) for b in batches)

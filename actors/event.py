@@ -8,8 +8,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import msgpack
-
 from actors.errors import EventError
 
 MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -88,35 +86,6 @@ class Event:
             payload=d.get("payload"),
             received=float(d.get("received", 0.0)),
         )
-
-
-def pack_events(events: list[Event]) -> bytes:
-    """Batch encoding for crossing actors: one msgpack document per batch."""
-    return msgpack.packb([e.to_wire() for e in events], use_bin_type=True)
-
-
-def unpack_events(data: bytes) -> list[Event]:
-    return [Event.from_wire(row) for row in msgpack.unpackb(data, raw=False)]
-
-
-def unpack_events_wire(data: bytes) -> tuple[list[Event], list[bytearray]]:
-    """``unpack_events``, plus each event's own msgpack bytes (``packb(event.to_wire())``),
-    sliced from the batch as it is decoded: what the ledger stores, without encoding again.
-    ``bytearray`` slices, which sqlite3 binds without its adapter lookup."""
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
-    unpacker.feed(data)
-    tell = unpacker.tell
-    rows: list[list[Any]] = []
-    ends: list[int] = []
-    count = unpacker.read_array_header()
-    start = tell()
-    for _, row in zip(range(count), unpacker, strict=False):
-        rows.append(row)
-        ends.append(tell())
-    buffer = bytearray(data)
-    events = [Event(*row) for row in rows]
-    wire = [buffer[a:b] for a, b in zip([start, *ends], ends, strict=False)]
-    return events, wire
 
 
 def check_event_id(event_id: Any) -> str:

@@ -8,6 +8,7 @@ from helpers import make_event
 
 from actors.claims import FlowBatch, batches_of, in_input_order, pack_batches, unpack_batches
 from actors.errors import EventError
+from actors.event import Event
 
 
 def test_events_are_grouped_per_flow_and_answers_mapped_back_to_input_order() -> None:
@@ -82,3 +83,33 @@ def test_an_empty_run_has_no_events() -> None:
 def test_a_batch_naming_its_flow_with_a_number_is_refused() -> None:
     with pytest.raises(EventError, match="tenant and flow must be strings"):
         unpack_batches(msgpack.packb([[1, "ingest", [], b"", []]]))
+
+
+# -- the wire form keeps every field of every event ------------------------------------------
+WIRE_EVENTS = [
+    Event("a", "acme", "ingest", "s3://b/k", "object", "2024-01-01T00:00:00+00:00", {"k": 1}),
+    Event("b", "beta", "f", "webhook", "webhook", payload=[1, "two", None], received=12.5),
+    Event("ü-日本", "acme", "ingest", "file", "file", payload={"nested": {"x": [1.5, True]}}),
+    Event("big", "acme", "ingest", "file", "file", payload={"big": "x" * 70_000}),
+]
+
+
+def test_pack_unpack_round_trip_keeps_every_field() -> None:
+    batches, order = batches_of(WIRE_EVENTS)
+    decoded = [e for b in unpack_batches(pack_batches(batches)) for e in b.events()]
+    assert in_input_order(decoded, order) == WIRE_EVENTS
+
+
+def test_pack_of_no_batches_round_trips_to_no_batches() -> None:
+    assert unpack_batches(pack_batches([])) == []
+
+
+def test_each_event_crosses_as_its_own_encoding() -> None:
+    batches, order = batches_of(WIRE_EVENTS)
+    wire = in_input_order(
+        [w for b in unpack_batches(pack_batches(batches)) for w in b.blobs()], order
+    )
+    assert [bytes(w) for w in wire] == [
+        msgpack.packb(e.to_wire(), use_bin_type=True) for e in WIRE_EVENTS
+    ]
+    assert [Event.from_wire(msgpack.unpackb(w, raw=False)) for w in wire] == WIRE_EVENTS

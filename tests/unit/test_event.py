@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
-import msgpack
 import pytest
 
 from actors.errors import EventError
@@ -15,10 +14,7 @@ from actors.event import (
     body_hash,
     check_event_id,
     iso,
-    pack_events,
     parse_ingress_body,
-    unpack_events,
-    unpack_events_wire,
 )
 
 
@@ -90,35 +86,6 @@ def test_non_string_empty_or_overlong_ids_are_bad(bad_id: object) -> None:
     with pytest.raises(EventError) as err:
         check_event_id(bad_id)
     assert err.value.reason == "bad_id"
-
-
-# -- wire encoding -------------------------------------------------------------------------
-def test_pack_unpack_round_trip_keeps_every_field() -> None:
-    events = [
-        Event("a", "acme", "ingest", "s3://b/k", "object", "2024-01-01T00:00:00+00:00", {"k": 1}),
-        Event("b", "beta", "f", "webhook", "webhook", payload=[1, "two", None], received=12.5),
-        Event("ü-日本", "acme", "ingest", "file", "file", payload={"nested": {"x": [1.5, True]}}),
-    ]
-    assert unpack_events(pack_events(events)) == events
-
-
-def test_pack_of_no_events_round_trips_to_no_events() -> None:
-    assert unpack_events(pack_events([])) == []
-    assert unpack_events_wire(pack_events([])) == ([], [])
-
-
-def test_unpack_with_wire_gives_each_events_own_encoding() -> None:
-    events = [
-        Event("a", "acme", "ingest", "s3://b/k", "object", "2024-01-01T00:00:00+00:00", {"k": 1}),
-        Event("ü-日本", "acme", "ingest", "file", "file", payload={"big": "x" * 70_000}),
-        Event("b", "beta", "f", "webhook", "webhook", payload=[1, "two", None], received=12.5),
-    ]
-    decoded, wire = unpack_events_wire(pack_events(events))
-    assert decoded == events
-    assert [bytes(w) for w in wire] == [
-        msgpack.packb(e.to_wire(), use_bin_type=True) for e in events
-    ]
-    assert [Event.from_wire(msgpack.unpackb(w, raw=False)) for w in wire] == events
 
 
 def test_event_dict_is_what_a_flow_receives_without_internal_fields() -> None:
